@@ -1,0 +1,1 @@
+"""Export: PyTorch checkpoints to ONNX files with a parity gate and metadata."""

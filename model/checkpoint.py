@@ -1,0 +1,156 @@
+"""The checkpoint file: one ``.safetensors`` file holding the weights and, in its string metadata,
+everything needed to rebuild and use the model (config, preprocessing, labels).
+
+Loading never unpickles anything: safetensors stores raw tensors and a JSON header only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from service.preprocess import PreprocessConfig
+
+from .config import ConfigError, ModelConfig
+from .hierarchical import Classifier
+
+FORMAT = "stageformer.checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "format_version", "config", "preprocess", "labels")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode) and what travels with it."""
+
+    model: Classifier
+    preprocess: PreprocessConfig
+    labels: list[str]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def default_labels(num_classes: int) -> list[str]:
+    """Numbered labels "0", "1", ... for a model whose classes have no names."""
+    return [str(i) for i in range(num_classes)]
+
+
+def save_checkpoint(
+    model: Classifier,
+    path: str | os.PathLike[str],
+    preprocess: PreprocessConfig,
+    labels: Sequence[str] | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``model``'s weights with its config, ``preprocess`` and ``labels`` (numbered when omitted).
+
+    ``extra`` adds string metadata (e.g. where the weights came from). The file appears atomically:
+    a crash mid-write leaves no half-written checkpoint under ``path``.
+    """
+    config = model.config
+    labels = list(labels) if labels is not None else default_labels(config.num_classes)
+    if len(labels) != config.num_classes:
+        raise CheckpointError(f"{len(labels)} labels given for a model with {config.num_classes} classes")
+    if not all(isinstance(label, str) for label in labels):
+        raise CheckpointError("labels must be strings")
+    if preprocess.image_size != config.image_size:
+        raise CheckpointError(
+            f"preprocess.image_size {preprocess.image_size} differs from the model's image_size {config.image_size}"
+        )
+    from stageformer import __version__
+
+    metadata = {
+        **(dict(extra) if extra else {}),
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": config.to_json(),
+        "preprocess": preprocess.to_json(),
+        "labels": json.dumps(labels),
+        "stageformer_version": __version__,
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The checkpoint's string metadata, checked for format and version, without reading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file ({exc}); give a stageformer checkpoint") from exc
+    if metadata.get("format") != FORMAT:
+        hint = "; convert timm weights with `stageformer import-timm`" if "format" not in metadata else ""
+        raise CheckpointError(f"{path} is not a stageformer checkpoint (format={metadata.get('format')!r}){hint}")
+    missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if missing:
+        raise CheckpointError(f"{path} lacks metadata {', '.join(missing)}; re-save it with save_checkpoint")
+    if int(metadata["format_version"]) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {metadata['format_version']}, newer than this stageformer reads "
+            f"({FORMAT_VERSION}); upgrade stageformer"
+        )
+    return metadata
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model from the checkpoint's config and load its weights, checking every name and
+    shape. The model is returned in eval mode on ``device``."""
+    metadata = read_metadata(path)
+    try:
+        config = ModelConfig.from_json(metadata["config"])
+        preprocess = PreprocessConfig.from_json(metadata["preprocess"])
+        labels = json.loads(metadata["labels"])
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: invalid metadata: {exc}") from exc
+    if not isinstance(labels, list) or len(labels) != config.num_classes:
+        raise CheckpointError(f"{path}: labels must be a list of {config.num_classes} strings")
+    model = Classifier(config)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    check_state_dict(model, tensors, str(path))
+    model.load_state_dict(tensors, strict=True)
+    return Checkpoint(model.to(device).eval(), preprocess, [str(x) for x in labels], metadata)
+
+
+def check_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise a ``CheckpointError`` naming the first missing, unexpected or mis-shaped tensors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [
+        f"{k} {tuple(tensors[k].shape)} != {expected[k]}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:5])}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model its config describes: {' / '.join(problems)}")

@@ -1,0 +1,126 @@
+"""Image preprocessing: the one torch-free function that training's evaluation, export's parity
+check and the server all use, so what a model sees in training is what it sees when served.
+
+``preprocess`` turns a decoded Pillow image into ``uint8 [H, W, 3]`` RGB pixels, resized so the
+short side is ``image_size / crop_pct`` and centre-cropped to ``image_size``. Normalization (mean,
+std) happens inside the exported ONNX graph, or in ``normalize`` for PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw images become model input; stored in checkpoints and ONNX metadata."""
+
+    image_size: int = 224  # square side fed to the model
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean of pixels scaled to [0, 1]
+    std: tuple[float, float, float] = IMAGENET_STD  # per-channel std of pixels scaled to [0, 1]
+    crop_pct: float = 1.0  # centre crop fraction: resize the short side to image_size / crop_pct
+    interpolation: str = "bicubic"  # Pillow resampling filter, one of INTERPOLATIONS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"preprocess: image_size must be a positive integer, got {self.image_size!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("preprocess: mean and std need three values, one per RGB channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"preprocess: std values must be positive, got {self.std}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"preprocess: crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"preprocess: interpolation {self.interpolation!r} unknown; choose one of {', '.join(INTERPOLATIONS)}"
+            )
+
+    @property
+    def resize_size(self) -> int:
+        """Short side after resizing, before the centre crop."""
+        return math.floor(self.image_size / self.crop_pct)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        valid = {"image_size", "mean", "std", "crop_pct", "interpolation"}
+        unknown = set(data) - valid
+        if unknown:
+            raise ValueError(f"preprocess: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> PreprocessConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright RGB: EXIF orientation applied; grayscale, palette, alpha, CMYK and 16-bit become RGB.
+    Transparent pixels are composited over white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """A decoded image -> ``uint8 [image_size, image_size, 3]`` RGB, resized and centre-cropped."""
+    image = to_rgb(image)
+    width, height = image.size
+    short = config.resize_size
+    scale = short / min(width, height)
+    new_w, new_h = max(short, round(width * scale)), max(short, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), INTERPOLATIONS[config.interpolation])
+    left = (new_w - config.image_size) // 2
+    top = (new_h - config.image_size) // 2
+    image = image.crop((left, top, left + config.image_size, top + config.image_size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """``uint8 [B, H, W, 3]`` -> ``float32 [B, 3, H, W]`` scaled to [0, 1] and normalized; the same
+    arithmetic the exported ONNX graph does at its head."""
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"normalize expects uint8 [B, H, W, 3], got {batch.dtype} {list(batch.shape)}")
+    mean = np.asarray(config.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(config.std, dtype=np.float32) * 255.0)
+    x = (batch.astype(np.float32) - mean) * inv_std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def stack(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Preprocessed images -> one ``uint8 [B, H, W, 3]`` batch."""
+    return np.stack(images, axis=0)

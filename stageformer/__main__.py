@@ -1,0 +1,3 @@
+from stageformer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""The ``stageformer`` command. Every subcommand's options are declared here; the work is done in the
+package that owns it, imported only when that subcommand runs (``serve`` never imports torch)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from stageformer import __version__
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from model.cli import presets
+
+    return presets(args)
+
+
+def _import_timm(args: argparse.Namespace) -> int:
+    from model.cli import import_timm
+
+    return import_timm(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stageformer",
+        description="Hierarchical vision transformers from stage configs: build, train, export to ONNX, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"stageformer {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser("presets", help="list the named model presets", description="List the named model presets.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--config", metavar="NAME", help="print the full JSON config of one preset instead")
+    p.set_defaults(handler=_presets)
+
+    p = commands.add_parser(
+        "import-timm",
+        help="turn timm's pretrained MetaFormer weights into a checkpoint",
+        description=(
+            "Convert timm's model.safetensors of a PoolFormer (v1), PoolFormerV2, ConvFormer or CAFormer model "
+            "into a stageformer checkpoint, with that model's pretrained preprocessing. Depths, widths and classes "
+            "are read from the weights; the family comes from the model name. Pickled .pth/.bin files are refused."
+        ),
+    )
+    p.add_argument(
+        "model_name",
+        metavar="TIMM_MODEL_NAME",
+        help="timm model name, e.g. poolformer_s12, poolformerv2_s12, convformer_s18, caformer_s18.sail_in1k",
+    )
+    p.add_argument("weights", metavar="WEIGHTS.safetensors", help="timm's weights (model.safetensors from the hub)")
+    p.add_argument("-o", "--output", metavar="CKPT.safetensors", required=True, help="checkpoint file to write")
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names, one per line (blank lines ignored) or a JSON list; default: numbered 0, 1, ...",
+    )
+    p.set_defaults(handler=_import_timm)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, KeyError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"stageformer {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""The shared preprocessing function: geometry, colour modes, and no torch anywhere near it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.preprocess import PreprocessConfig, normalize, preprocess, stack
+
+
+def test_short_side_resize_then_centre_crop() -> None:
+    config = PreprocessConfig(image_size=32, crop_pct=0.5, interpolation="nearest")
+    image = Image.new("RGB", (128, 64), (0, 0, 0))
+    image.paste((255, 0, 0), (48, 16, 80, 48))  # a red square in the middle, 32x32
+    out = preprocess(image, config)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    # short side 64 -> 64 (image_size / crop_pct), crop keeps the central 32x32: the red square
+    assert (out[..., 0] == 255).all() and (out[..., 1] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "1"])
+def test_every_colour_mode_becomes_rgb(mode: str) -> None:
+    image = Image.new(mode, (40, 30))
+    out = preprocess(image, PreprocessConfig(image_size=16))
+    assert out.shape == (16, 16, 3)
+
+
+def test_transparent_pixels_become_white_and_16_bit_is_scaled() -> None:
+    assert (preprocess(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), PreprocessConfig(image_size=8)) == 255).all()
+    deep = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert (preprocess(deep, PreprocessConfig(image_size=8)) == 255).all()
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (20, 10), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 10, 10))  # left half white
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    image.info["exif"] = exif.tobytes()
+    image = Image.open(_roundtrip_jpeg(image, exif))
+    out = preprocess(image, PreprocessConfig(image_size=10, interpolation="nearest"))
+    assert out[0, 5].mean() > 200 and out[-1, 5].mean() < 50  # the white half is now on top
+
+
+def _roundtrip_jpeg(image: Image.Image, exif: Image.Exif):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif, quality=95)
+    buffer.seek(0)
+    return buffer
+
+
+def test_normalize_matches_mean_std() -> None:
+    config = PreprocessConfig(image_size=2, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
+    batch = stack([np.full((2, 2, 3), 255, dtype=np.uint8), np.zeros((2, 2, 3), dtype=np.uint8)])
+    x = normalize(batch, config)
+    assert x.shape == (2, 3, 2, 2) and x.dtype == np.float32
+    assert np.allclose(x[0, :, 0, 0], [1.0, 3.0, 1.0]) and np.allclose(x[1, :, 0, 0], [-1.0, -1.0, 0.0])
+    with pytest.raises(ValueError, match="expects uint8"):
+        normalize(x, config)
+
+
+def test_config_validation_and_json() -> None:
+    config = PreprocessConfig(image_size=224, crop_pct=0.9)
+    assert config.resize_size == 248
+    assert PreprocessConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="crop_pct must be in"):
+        PreprocessConfig(crop_pct=1.5)
+    with pytest.raises(ValueError, match="interpolation 'cubic' unknown"):
+        PreprocessConfig(interpolation="cubic")
+    with pytest.raises(ValueError, match="unknown key"):
+        PreprocessConfig.from_dict({"size": 3})
+
+
+def test_service_preprocessing_imports_no_torch() -> None:
+    code = "import sys, service, service.preprocess; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
