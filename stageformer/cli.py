@@ -25,6 +25,18 @@ def _import_timm(args: argparse.Namespace) -> int:
     return import_timm(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from export.cli import run
+
+    return run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stageformer",
@@ -61,13 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="class names, one per line (blank lines ignored) or a JSON list; default: numbered 0, 1, ...",
     )
     p.set_defaults(handler=_import_timm)
+
+    from export.cli import add_arguments as add_export_arguments  # torch-free
+    from service.cli import add_arguments as add_serve_arguments  # torch-free
+
+    p = commands.add_parser(
+        "export",
+        help="export a checkpoint to ONNX, checked against PyTorch",
+        description="Export a checkpoint to a single-file ONNX model with its config, preprocessing and labels "
+        "inside. A parity gate compares ONNX Runtime with PyTorch and refuses to write a model that disagrees.",
+    )
+    add_export_arguments(p)
+    p.set_defaults(handler=_export)
+
+    p = commands.add_parser(
+        "serve",
+        help="serve ONNX models over HTTP (the built-in digits demo when none is given)",
+        description="Serve exported ONNX models over HTTP with dynamic batching on ONNX Runtime: /v1 classify, "
+        "/v2 Open Inference Protocol, /metrics, /docs. Flags override STAGEFORMER_* environment variables.",
+    )
+    add_serve_arguments(p)
+    p.set_defaults(handler=_serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = (getattr(args, "log_level", None) or "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -1,0 +1,204 @@
+"""Dynamic batching: concurrent requests for one model become one inference call.
+
+Contract (what callers may rely on):
+- ``submit`` returns exactly the row of the batch output that belongs to its own item.
+- A batch closes when it holds ``max_batch_size`` items, or ``max_queue_delay`` after its first item
+  was queued, whichever comes first; a full batch goes at once.
+- More than ``max_queue_size`` waiting items: ``QueueFullError`` at once, nothing is queued.
+- An item whose timeout passes while it waits is never run: its caller gets ``RequestTimeoutError``.
+  An item whose caller went away (its task cancelled) is skipped.
+- An exception inside one inference call fails only that batch's items (``BatchFailedError``).
+- ``close`` stops taking items, lets the workers finish everything already queued, then joins them.
+
+Inference runs in dedicated threads (one per session instance), never on the event loop. This module
+knows nothing of HTTP or ONNX Runtime: ``run`` is any function from a stacked batch to an array
+whose first axis is the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RunFn = Callable[[np.ndarray, int], np.ndarray]  # (batch, instance index) -> outputs
+
+
+class BatcherError(Exception):
+    """Base of the batcher's errors."""
+
+
+class QueueFullError(BatcherError):
+    """Too many items are waiting; try again later."""
+
+
+class RequestTimeoutError(BatcherError):
+    """The item waited longer than its timeout and was not run."""
+
+
+class BatchFailedError(BatcherError):
+    """The inference call of the item's batch raised."""
+
+
+class NotAcceptingError(BatcherError):
+    """The batcher is closing (the server is shutting down)."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one inference call did, for metrics."""
+
+    size: int  # items in the batch
+    queue_waits: tuple[float, ...]  # seconds each item waited before its batch started
+    run_seconds: float  # duration of the inference call
+    failed: bool
+
+
+@dataclass
+class _Pending:
+    item: np.ndarray
+    future: concurrent.futures.Future[np.ndarray]
+    enqueued: float  # time.monotonic() when queued
+    deadline: float  # time.monotonic() after which it must not run
+
+
+def _retrieve(future: asyncio.Future[list[np.ndarray]]) -> None:
+    """Mark an abandoned gather's outcome as seen, so asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
+class Batcher:
+    """Collects items from many callers into batches for ``run``; see the module docstring."""
+
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        instances: int = 1,
+        name: str = "model",
+        observer: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size, max_queue_size and instances must be >= 1, the delay >= 0")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.name = name
+        self._observer = observer
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._threads = [
+            threading.Thread(target=self._worker, args=(i,), name=f"infer-{name}-{i}", daemon=True)
+            for i in range(instances)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Items waiting for a batch."""
+        return len(self._queue)
+
+    # --- callers' side (event loop) -------------------------------------------------------------
+
+    async def submit(self, item: np.ndarray, timeout_s: float) -> np.ndarray:
+        """Queue one item and wait for its output row."""
+        return (await self.submit_many([item], timeout_s))[0]
+
+    async def submit_many(self, items: Sequence[np.ndarray], timeout_s: float) -> list[np.ndarray]:
+        """Queue several items at once (all or none) and wait for all their output rows, in order."""
+        now = time.monotonic()
+        pending = [_Pending(item, concurrent.futures.Future(), now, now + timeout_s) for item in items]
+        with self._cond:
+            if not self._accepting:
+                raise NotAcceptingError(f"model {self.name!r} is shutting down")
+            if len(self._queue) + len(pending) > self.max_queue_size:
+                raise QueueFullError(
+                    f"model {self.name!r} has {len(self._queue)} images waiting (limit {self.max_queue_size})"
+                )
+            self._queue.extend(pending)
+            self._cond.notify_all()
+        gathered = asyncio.gather(*(asyncio.wrap_future(p.future) for p in pending))
+        try:
+            done = await asyncio.wait_for(gathered, timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(f"no result within {timeout_s:g} s; the server is too busy") from None
+        finally:  # on timeout or when the caller goes away, nothing of this request runs any more
+            for p in pending:
+                p.future.cancel()
+            gathered.add_done_callback(_retrieve)
+        return list(done)
+
+    # --- workers' side (threads) ----------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Block until a batch is ready; None when closed and drained."""
+        with self._cond:
+            while not self._queue:
+                if not self._accepting:
+                    return None
+                self._cond.wait()
+            closes_at = self._queue[0].enqueued + self.max_queue_delay_s
+            while len(self._queue) < self.max_batch_size and self._accepting:
+                remaining = closes_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch: list[_Pending] = []
+            now = time.monotonic()
+            while self._queue and len(batch) < self.max_batch_size:
+                p = self._queue.popleft()
+                if not p.future.set_running_or_notify_cancel():
+                    continue  # its caller went away
+                if now > p.deadline:
+                    p.future.set_exception(RequestTimeoutError("the request waited longer than its timeout"))
+                    continue
+                batch.append(p)
+            return batch
+
+    def _worker(self, instance: int) -> None:
+        while (batch := self._next_batch()) is not None:
+            if batch:
+                self._execute(batch, instance)
+
+    def _execute(self, batch: list[_Pending], instance: int) -> None:
+        started = time.monotonic()
+        waits = tuple(started - p.enqueued for p in batch)
+        failed = False
+        try:
+            outputs = self._run(np.stack([p.item for p in batch]), instance)
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"inference returned {len(outputs)} rows for a batch of {len(batch)}")
+        except Exception as exc:  # one failing batch fails only its own items
+            failed = True
+            logger.exception("inference failed for a batch of %d on model %r", len(batch), self.name)
+            for p in batch:
+                p.future.set_exception(BatchFailedError(f"inference failed: {type(exc).__name__}"))
+        else:
+            for i, p in enumerate(batch):
+                p.future.set_result(outputs[i])
+        if self._observer is not None:
+            self._observer(BatchStats(len(batch), waits, time.monotonic() - started, failed))
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop accepting; finish what is queued and running; join the workers."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout_s)

@@ -1,0 +1,136 @@
+"""The models one server serves: each an ONNX Runtime model behind its own batcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .batcher import Batcher, BatchStats
+from .metrics import Metrics
+from .runtime import ModelInfo, ModelLoadError, OnnxModel
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL = Path(__file__).parent / "demo" / "digits.onnx"
+
+
+@dataclass
+class ServedModel:
+    runtime: OnnxModel
+    batcher: Batcher
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.runtime.info
+
+    @property
+    def name(self) -> str:
+        return self.runtime.info.name
+
+    async def infer(self, inputs: list[np.ndarray], timeout_s: float) -> list[np.ndarray]:
+        """Logits, one row per input, through the dynamic batcher."""
+        return await self.batcher.submit_many(inputs, timeout_s)
+
+
+def find_model_files(paths: list[str]) -> list[Path]:
+    """ONNX files named directly, or found in folders (``*.onnx``, and Triton-style ``NAME/1/model.onnx``)."""
+    files: list[Path] = []
+    for raw in paths or [str(DEMO_MODEL)]:
+        path = Path(raw)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(path.glob("*.onnx")) + sorted(path.glob("*/[0-9]*/model.onnx"))
+            if not found:
+                raise ModelLoadError(f"folder {raw!r} holds no .onnx files")
+            files.extend(found)
+        else:
+            hint = " (the demo model ships with the package; reinstall it)" if not paths else ""
+            raise ModelLoadError(f"model path {raw!r} does not exist{hint}")
+    return files
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, ServedModel], default: str) -> None:
+        self.models = models
+        self.default = default
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Metrics) -> ModelRegistry:
+        models: dict[str, ServedModel] = {}
+        try:
+            cls._load_into(models, settings, metrics)
+            default = settings.default_model or next(iter(models))
+            if default not in models:
+                raise ModelLoadError(f"default model {default!r} is not among the loaded models: {', '.join(models)}")
+        except BaseException:
+            cls(models, "").close()  # stop the batchers of the models loaded before the failure
+            raise
+        return cls(models, default)
+
+    @staticmethod
+    def _load_into(models: dict[str, ServedModel], settings: Settings, metrics: Metrics) -> None:
+        for path in find_model_files(settings.models):
+            started = time.perf_counter()
+            name = path.parent.parent.name if path.name == "model.onnx" and path.parent.name.isdigit() else None
+            runtime = OnnxModel(
+                path,
+                device=settings.device,
+                instances=settings.instances,
+                threads=settings.threads,
+                max_batch_size=settings.max_batch_size,
+                trt_cache_dir=settings.trt_cache_dir,
+                name=name,
+            )
+            if runtime.info.name in models:
+                raise ModelLoadError(
+                    f"two models are named {runtime.info.name!r} ({models[runtime.info.name].info.path} and {path}); "
+                    "rename one file or export it with --name"
+                )
+            sizes = runtime.warm_up()
+            batcher = Batcher(
+                runtime.run,
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+                max_queue_size=settings.max_queue_size,
+                instances=settings.instances,
+                name=runtime.info.name,
+                observer=_observer(metrics, runtime.info.name),
+            )
+            models[runtime.info.name] = ServedModel(runtime, batcher)
+            seconds = time.perf_counter() - started
+            metrics.model_load_seconds.labels(runtime.info.name).set(seconds)
+            logger.info(
+                "loaded %r from %s in %.2f s (warmed up at batch sizes %s)", runtime.info.name, path, seconds, sizes
+            )
+
+    def get(self, name: str | None) -> ServedModel | None:
+        return self.models.get(name or self.default)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        for model in self.models.values():
+            model.batcher.close(timeout_s)
+
+
+def _observer(metrics: Metrics, name: str) -> Callable[[BatchStats], None]:
+    """Feeds one model's batch statistics into its metric children."""
+    batch_size = metrics.batch_size.labels(name)
+    inference = metrics.inference_seconds.labels(name)
+    queue = metrics.queue_seconds.labels(name)
+    failures = metrics.inference_failures.labels(name)
+
+    def observe(stats: BatchStats) -> None:
+        batch_size.observe(stats.size)
+        inference.observe(stats.run_seconds)
+        for wait in stats.queue_waits:
+            queue.observe(wait)
+        if stats.failed:
+            failures.inc()
+
+    return observe

@@ -1,0 +1,200 @@
+"""ONNX Runtime sessions for one exported model: provider choice, batch-size buckets, IO binding, warm-up.
+
+Everything the server needs to know about a model is read from the ONNX file itself (its
+``metadata_props``, written by ``stageformer export``): name, labels, preprocessing, input format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .preprocess import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model file cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server knows about a model, all from the ONNX file."""
+
+    name: str
+    path: Path
+    labels: tuple[str, ...]
+    preprocess: PreprocessConfig
+    input_name: str
+    input_format: str  # "raw": uint8 [B, H, W, 3]; "normalized": float32 [B, 3, H, W]
+    output_name: str
+    metadata: dict[str, str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_dtype(self) -> type[np.generic]:
+        return np.uint8 if self.input_format == "raw" else np.float32
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one input sample, without the batch axis."""
+        s = self.preprocess.image_size
+        return (s, s, 3) if self.input_format == "raw" else (3, s, s)
+
+
+def read_model_info(path: Path, session: ort.InferenceSession, name: str | None = None) -> ModelInfo:
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    try:
+        preprocess = PreprocessConfig.from_json(meta["preprocess"])
+        labels = json.loads(meta["labels"])
+    except KeyError as exc:
+        raise ModelLoadError(
+            f"{path}: metadata {exc.args[0]!r} is missing; export the model with `stageformer export`"
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: invalid metadata: {exc}") from exc
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelLoadError(f"{path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
+    input_format = meta.get("input_format", "raw" if inputs[0].type == "tensor(uint8)" else "normalized")
+    model_name = name or meta.get("name") or path.stem
+    if not NAME_PATTERN.match(model_name):
+        raise ModelLoadError(f"{path}: model name {model_name!r} must match {NAME_PATTERN.pattern}")
+    info = ModelInfo(
+        model_name, path, tuple(str(x) for x in labels), preprocess, inputs[0].name, input_format, outputs[0].name, meta
+    )
+    expected = ["tensor(uint8)" if input_format == "raw" else "tensor(float)"]
+    if inputs[0].type not in expected:
+        raise ModelLoadError(f"{path}: input type {inputs[0].type} does not fit input_format {input_format!r}")
+    return info
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes a GPU session runs: powers of two up to the maximum, and the maximum itself."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_batch_size]
+
+
+def _cuda_works(providers: list[str]) -> bool:
+    return bool(providers) and providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+class OnnxModel:
+    """One model: ``instances`` ONNX Runtime sessions on the chosen device.
+
+    ``device``: ``cpu``; ``cuda`` (error at start-up when CUDA does not really start); ``tensorrt`` (engine
+    cache in ``trt_cache_dir``); ``auto`` (CUDA when it really starts, else CPU). On GPUs the batch is
+    padded up to a bucket size so that few shapes are ever seen (cuDNN's algorithm search runs once per
+    bucket, at warm-up), inputs and outputs go through IO binding.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        instances: int = 1,
+        threads: int = 0,
+        max_batch_size: int = 16,
+        trt_cache_dir: str = ".trt_cache",
+        name: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"model file {str(self.path)!r} does not exist")
+        self.max_batch_size = max_batch_size
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # ORT's own fallback warnings are replaced by one clear line below
+        providers = self._providers(device, trt_cache_dir, max_batch_size)
+        try:
+            self.sessions = [
+                ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+                for _ in range(instances)
+            ]
+        except Exception as exc:  # ORT raises its own exception types for corrupt files
+            raise ModelLoadError(f"{self.path}: ONNX Runtime cannot load it: {exc}") from exc
+        active = self.sessions[0].get_providers()
+        if device in ("cuda", "tensorrt") and not _cuda_works(active):
+            raise ModelLoadError(
+                f"--device {device} was asked for, but ONNX Runtime could not start it (active: {active}); "
+                "check the NVIDIA driver and that onnxruntime-gpu (not onnxruntime) is installed, or use --device cpu"
+            )
+        if device == "tensorrt" and active[0] != "TensorrtExecutionProvider":
+            raise ModelLoadError(f"--device tensorrt was asked for, but TensorRT did not start (active: {active})")
+        self.provider = active[0]
+        self.on_gpu = _cuda_works(active)
+        self.info = read_model_info(self.path, self.sessions[0], name)
+        self.buckets = batch_buckets(max_batch_size) if self.on_gpu else []
+        logger.info("model %r runs on %s (%d instance(s))", self.info.name, self.provider, instances)
+
+    @staticmethod
+    def _providers(device: str, trt_cache_dir: str, max_batch_size: int) -> list[Any]:
+        cpu = "CPUExecutionProvider"
+        cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True})
+        if device == "cpu":
+            return [cpu]
+        if device == "tensorrt":
+            Path(trt_cache_dir).mkdir(parents=True, exist_ok=True)
+            trt = (
+                "TensorrtExecutionProvider",
+                {"trt_engine_cache_enable": True, "trt_engine_cache_path": trt_cache_dir},
+            )
+            return [trt, cuda, cpu]
+        available = ort.get_available_providers()
+        if device == "auto" and "CUDAExecutionProvider" not in available:
+            return [cpu]
+        return [cuda, cpu]
+
+    def bucket(self, n: int) -> int:
+        """The padded batch size for ``n`` items (``n`` itself on CPU)."""
+        for size in self.buckets:
+            if size >= n:
+                return size
+        return n
+
+    def run(self, batch: np.ndarray, instance: int = 0) -> np.ndarray:
+        """Logits for a batch of model-ready inputs (``info.sample_shape``, ``info.input_dtype``)."""
+        n = batch.shape[0]
+        padded = self.bucket(n)
+        if padded != n:
+            batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), dtype=batch.dtype)])
+        session = self.sessions[instance % len(self.sessions)]
+        batch = np.ascontiguousarray(batch)
+        if self.on_gpu:
+            binding = session.io_binding()
+            binding.bind_cpu_input(self.info.input_name, batch)
+            binding.bind_output(self.info.output_name, "cuda")
+            session.run_with_iobinding(binding)
+            logits = binding.copy_outputs_to_cpu()[0]
+        else:
+            logits = session.run([self.info.output_name], {self.info.input_name: batch})[0]
+        return np.asarray(logits[:n], dtype=np.float32)
+
+    def warm_up(self) -> list[int]:
+        """Run every session once at each batch size it will see (each bucket on GPU; 1 and the
+        maximum on CPU), so the first requests do not pay for allocation and algorithm search."""
+        sizes = self.buckets or sorted({1, self.max_batch_size})
+        for instance in range(len(self.sessions)):
+            for size in sizes:
+                self.run(np.zeros((size, *self.info.sample_shape), dtype=self.info.input_dtype), instance)
+        return sizes

@@ -1,0 +1,51 @@
+"""Server settings: one pydantic-settings class, filled from ``STAGEFORMER_*`` environment variables and
+from ``stageformer serve`` flags (flags win). Invalid values fail at start-up with a clear message."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda", "tensorrt"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STAGEFORMER_", extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    models: list[str] = Field(
+        default_factory=list,
+        description="ONNX files or folders of them; empty serves the built-in demo (digits) model",
+    )
+    default_model: str | None = Field(None, description="model answering /v1/classify; default: the first one")
+    device: Device = Field("auto", description="auto (CUDA when it really starts, else CPU), cpu, cuda or tensorrt")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="largest batch one inference call runs")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0.0, le=10_000.0, description="how long a batch waits for more requests after its first one"
+    )
+    max_queue_size: int = Field(256, ge=1, description="images waiting per model beyond which requests get 503")
+    request_timeout_s: float = Field(30.0, gt=0.0, description="longest a request may wait for inference (504)")
+    instances: int = Field(1, ge=1, le=64, description="ONNX Runtime sessions per model, each with its own thread")
+    threads: int = Field(0, ge=0, description="intra-op threads per session; 0 lets ONNX Runtime decide")
+    decode_workers: int = Field(
+        0, ge=0, description="threads decoding and preprocessing images; 0: one per CPU, at most 8"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="require `Authorization: Bearer KEY` on inference and metadata routes"
+    )
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest image, width x height, checked before decoding"
+    )
+    max_images: int = Field(64, ge=1, description="most images in one request")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty: CORS off")
+    trt_cache_dir: str = Field(".trt_cache", description="TensorRT engine cache folder (--device tensorrt)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value

@@ -1,0 +1,173 @@
+"""The server as users run it: a real process, a real port, tritonclient, SIGTERM, and no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from .conftest import png
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("server did not become ready in time")
+
+
+@contextmanager
+def running_server(*args: str, **env: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stageformer", "serve", *args, "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_ready(port, process)
+        yield port, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def classify(port: int, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/classify", data=data, headers={"content-type": "image/png"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_serving_imports_no_torch(tiny_onnx: Path) -> None:
+    script = f"""
+import asyncio, sys, httpx
+from service import create_app
+from service.settings import Settings
+
+async def main():
+    app = create_app(Settings(models=[{str(tiny_onnx)!r}]))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            r = await c.post("/v1/classify", content=open({str(ROOT / "pyproject.toml")!r}, "rb").read(),
+                             headers={{"content-type": "image/png"}})
+            assert r.status_code == 415, r.text
+            r = await c.get("/v2/models/tiny")
+            assert r.status_code == 200, r.text
+    print("torch" in sys.modules)
+
+asyncio.run(main())
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_tritonclient_round_trip_on_a_live_server(tiny_onnx: Path) -> None:
+    tritonclient_http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
+    array = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"image": array})[0]
+    with running_server(str(tiny_onnx)) as (port, _):
+        client = tritonclient_http.InferenceServerClient(url=f"127.0.0.1:{port}")
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+        metadata = client.get_model_metadata("tiny")
+        assert metadata["inputs"][0]["shape"] == [-1, 32, 32, 3]
+        for binary in (True, False):
+            tensor = tritonclient_http.InferInput("image", list(array.shape), "UINT8")
+            tensor.set_data_from_numpy(array, binary_data=binary)
+            outputs = [tritonclient_http.InferRequestedOutput("logits", binary_data=binary)]
+            result = client.infer("tiny", [tensor], outputs=outputs)
+            assert np.allclose(result.as_numpy("logits"), expected, atol=1e-5)
+        classes = [tritonclient_http.InferRequestedOutput("logits", binary_data=True, class_count=3)]
+        tensor = tritonclient_http.InferInput("image", list(array.shape), "UINT8")
+        tensor.set_data_from_numpy(array)
+        top = client.infer("tiny", [tensor], outputs=classes).as_numpy("logits")
+        assert top.shape == (2, 3)
+        assert int(top[0, 0].decode().split(":")[1]) == int(np.argmax(expected[0]))
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_zero(tiny_onnx: Path) -> None:
+    with running_server(str(tiny_onnx), "--max-queue-delay-ms", "50") as (port, process):
+        results: list[int] = []
+
+        def send(seed: int) -> None:
+            results.append(classify(port, png(seed=seed))[0])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(30)
+        assert process.wait(30) == 0
+        assert results and all(status == 200 for status in results), results
+        with pytest.raises(OSError):
+            classify(port, png())
+
+
+def test_invalid_settings_fail_at_start_up_with_a_clear_message(tiny_onnx: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stageformer", "serve", str(tiny_onnx), "--max-batch-size", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "max_batch_size: Input should be greater than or equal to 1" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "stageformer", "serve", "missing.onnx", "--port", str(free_port())],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "model path 'missing.onnx' does not exist" in result.stderr
+    if cuda_really_works(tiny_onnx):
+        return  # on a GPU machine --device cuda is valid; the refusal is what is tested elsewhere
+    result = subprocess.run(
+        [sys.executable, "-m", "stageformer", "serve", str(tiny_onnx), "--device", "cuda", "--port", str(free_port())],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "--device cuda was asked for" in result.stderr
+
+
+def cuda_really_works(onnx_path: Path) -> bool:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CUDAExecutionProvider"])
+    return session.get_providers()[0] == "CUDAExecutionProvider"

@@ -1,0 +1,124 @@
+"""/v2 Open Inference Protocol: metadata, health, JSON and binary tensors, classification, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+
+
+def pixels(batch: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+
+
+def expected_logits(onnx_path, array: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: array})[0]
+
+
+async def test_server_and_model_metadata_and_health(client) -> None:
+    server = (await client.get("/v2")).json()
+    assert server["name"] == "stageformer" and "binary_tensor_data" in server["extensions"]
+    assert (await client.get("/v2/health/live")).json() == {"live": True}
+    assert (await client.get("/v2/health/ready")).status_code == 200
+    meta = (await client.get("/v2/models/tiny")).json()
+    assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    assert meta["parameters"]["labels"][0] == "class-0"
+    norm = (await client.get("/v2/models/tiny-norm/versions/1")).json()
+    assert norm["inputs"][0]["datatype"] == "FP32" and norm["inputs"][0]["shape"] == [-1, 3, 32, 32]
+    assert (await client.get("/v2/models/tiny/ready")).json() == {"name": "tiny", "ready": True}
+    assert (await client.get("/v2/models/ghost")).status_code == 404
+    assert (await client.get("/v2/models/tiny/versions/2")).status_code == 404
+
+
+async def test_json_infer_flat_and_nested(client, tiny_onnx) -> None:
+    array = pixels()
+    expected = expected_logits(tiny_onnx, array)
+    for data in (array.ravel().tolist(), array.tolist()):
+        body = {
+            "id": "req-1",
+            "inputs": [{"name": "image", "shape": [2, 32, 32, 3], "datatype": "UINT8", "data": data}],
+        }
+        response = await client.post("/v2/models/tiny/infer", json=body)
+        assert response.status_code == 200, response.text
+        out = response.json()
+        assert out["id"] == "req-1" and out["model_name"] == "tiny"
+        logits = np.asarray(out["outputs"][0]["data"], dtype=np.float32).reshape(out["outputs"][0]["shape"])
+        assert np.allclose(logits, expected, atol=1e-5)
+
+
+async def test_binary_tensors_in_and_out_and_classification(client, tiny_onnx) -> None:
+    array = pixels(3, seed=4)
+    header = {
+        "inputs": [{"name": "image", "shape": [3, 32, 32, 3], "datatype": "UINT8",
+                    "parameters": {"binary_data_size": array.nbytes}}],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+    }  # fmt: skip
+    head = json.dumps(header).encode()
+    response = await client.post(
+        "/v2/models/tiny/infer",
+        content=head + array.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(head)), "content-type": "application/octet-stream"},
+    )
+    assert response.status_code == 200, response.text
+    n = int(response.headers["inference-header-content-length"])
+    meta = json.loads(response.content[:n])
+    logits = np.frombuffer(response.content[n:], dtype="<f4").reshape(meta["outputs"][0]["shape"])
+    assert np.allclose(logits, expected_logits(tiny_onnx, array), atol=1e-5)
+
+    body = {
+        "inputs": [{"name": "image", "shape": [3, 32, 32, 3], "datatype": "UINT8", "data": array.ravel().tolist()}],
+        "outputs": [{"name": "logits", "parameters": {"classification": 2}}],
+    }
+    out = (await client.post("/v2/models/tiny/infer", json=body)).json()["outputs"][0]
+    assert out["datatype"] == "BYTES" and out["shape"] == [3, 2]
+    score, index, label = out["data"][0].split(":")
+    assert int(index) == int(np.argmax(logits[0])) and label == f"class-{index}" and 0 < float(score) <= 1
+
+
+async def test_bad_v2_requests_get_4xx_json_errors(client) -> None:
+    array = pixels(1)
+    ok_input = {"name": "image", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": array.ravel().tolist()}
+    bad_inputs = [
+        ({**ok_input, "datatype": "FP32"}, "this model takes UINT8"),
+        ({**ok_input, "shape": [1, 16, 16, 3]}, "does not fit the model"),
+        ({**ok_input, "shape": [2, 32, 32, 3]}, "values for shape"),
+        ({**ok_input, "shape": [-1, 32, 32, 3]}, "negative or huge"),
+        ({**ok_input, "shape": [1 << 30, 32, 32, 3]}, "negative or huge"),
+        ({**ok_input, "name": "pixels"}, "unknown input 'pixels'"),
+        ({**ok_input, "data": [300] * (32 * 32 * 3)}, "0..255"),
+        ({**ok_input, "data": ["a"] * (32 * 32 * 3)}, "must be numbers"),
+        ({k: v for k, v in ok_input.items() if k != "data"}, "neither 'data'"),
+        ({**ok_input, "shape": "1,32,32,3"}, "list of integers"),
+    ]
+    for spec, message in bad_inputs:
+        response = await client.post("/v2/models/tiny/infer", json={"inputs": [spec]})
+        assert response.status_code == 400, (message, response.text)
+        assert message in response.json()["error"]
+    nan = {"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [float("nan")] * 3072}
+    response = await client.post(
+        "/v2/models/tiny-norm/infer",
+        content=json.dumps({"inputs": [nan]}),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400 and "NaN or Inf" in response.json()["error"]
+
+    head = json.dumps({"inputs": [{**ok_input, "parameters": {"binary_data_size": 99}}]}).encode()
+    data = head + array.tobytes()
+    response = await client.post(
+        "/v2/models/tiny/infer", content=data, headers={"Inference-Header-Content-Length": str(len(head))}
+    )
+    assert response.status_code == 400 and "binary" in response.json()["error"]
+    response = await client.post(
+        "/v2/models/tiny/infer", content=data, headers={"Inference-Header-Content-Length": "x"}
+    )
+    assert response.status_code == 400
+    response = await client.post("/v2/models/tiny/infer", content=b"{not json")
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+    response = await client.post("/v2/models/nope/infer", json={"inputs": [ok_input]})
+    assert response.status_code == 404
+    response = await client.post("/v2/models/tiny/infer", json={"inputs": [ok_input], "outputs": [{"name": "probs"}]})
+    assert response.status_code == 400 and "unknown output" in response.json()["error"]
+    assert (await client.post("/v2/models/tiny/infer", json={"inputs": [ok_input]})).status_code == 200
