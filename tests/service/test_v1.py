@@ -159,14 +159,14 @@ async def test_api_key_guards_inference_and_metadata_not_health(tiny_onnx) -> No
 
 
 async def test_overload_inference_failure_and_timeout(tiny_onnx) -> None:
-    async with serve(models=[str(tiny_onnx)], max_queue_size=2, max_batch_size=1, request_timeout_s=1.0) as c:
+    async with serve(models=[str(tiny_onnx)], max_queue_size=2, max_batch_size=1, request_timeout_s=4.0) as c:
         batcher = c.app.state.stageformer.registry.models["tiny"].batcher
         real_run = batcher._run
         gate = asyncio.Event()
         loop = asyncio.get_running_loop()
 
         def stuck(batch, instance):
-            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(5)
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(30)
             return real_run(batch, instance)
 
         batcher._run = stuck
@@ -174,10 +174,11 @@ async def test_overload_inference_failure_and_timeout(tiny_onnx) -> None:
         pending = [
             asyncio.ensure_future(c.post("/v1/classify", content=png(seed=i), headers=headers)) for i in range(3)
         ]
-        for _ in range(100):  # one request stuck in inference, two waiting: the queue is full
+        for _ in range(300):  # one request stuck in inference, two waiting: the queue is full
             if batcher.depth == 2:
                 break
             await asyncio.sleep(0.05)
+        assert batcher.depth == 2
         rejected = await c.post("/v1/classify", content=png(), headers=headers)
         assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
         assert "overloaded" in rejected.json()["error"]
