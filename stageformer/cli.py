@@ -25,6 +25,12 @@ def _import_timm(args: argparse.Namespace) -> int:
     return import_timm(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from model.train import run
+
+    return run(args)
+
+
 def _export(args: argparse.Namespace) -> int:
     from export.cli import run
 
@@ -75,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_import_timm)
 
     from export.cli import add_arguments as add_export_arguments  # torch-free
+    from stageformer.train_args import DESCRIPTION as TRAIN_DESCRIPTION
+    from stageformer.train_args import add_arguments as add_train_arguments  # torch-free
+
+    p = commands.add_parser(
+        "train",
+        help="train a model on an image folder or the digits data set",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(p)
+    p.set_defaults(handler=_train)
     from service.cli import add_arguments as add_serve_arguments  # torch-free
 
     p = commands.add_parser(
