@@ -145,6 +145,13 @@ def check_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
         for k in expected
         if k in tensors and tuple(tensors[k].shape) != expected[k]
     ]
+    problems = describe_mismatch(missing, unexpected, wrong)
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model its config describes: {problems}")
+
+
+def describe_mismatch(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    """One line naming the first few missing, unexpected and mis-shaped tensors; empty when all fit."""
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
@@ -152,5 +159,4 @@ def check_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
         problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}")
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:5])}")
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model its config describes: {' / '.join(problems)}")
+    return " / ".join(problems)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from service.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError, describe_mismatch, save_checkpoint
 from .config import ModelConfig
 from .hierarchical import Classifier
 from .presets import metaformer_v2, poolformer_v1
@@ -269,16 +269,10 @@ def convert_state_dict(
             wrong.append(f"{theirs} has shape {tuple(state_dict[theirs].shape)}, expected {expected[ours]}")
         else:
             converted[ours] = tensor
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:5])}")
+    problems = describe_mismatch(missing, unexpected, wrong)
     if problems:
         raise TimmImportError(
-            f"{source} does not fit the model read from its tensors: {' / '.join(problems)} "
+            f"{source} does not fit the model read from its tensors: {problems} "
             "(weights of another timm model or family? the model name picks the family)"
         )
     return converted
