@@ -4,6 +4,7 @@ package that owns it, imported only when that subcommand runs (``serve`` never i
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -13,34 +14,14 @@ from stageformer import __version__
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _presets(args: argparse.Namespace) -> int:
-    from model.cli import presets
+def _lazy(module: str, function: str) -> Handler:
+    """A handler that imports ``module`` only when its subcommand runs (keeps torch out of ``serve``)."""
 
-    return presets(args)
+    def handler(args: argparse.Namespace) -> int:
+        run: Handler = getattr(importlib.import_module(module), function)
+        return run(args)
 
-
-def _import_timm(args: argparse.Namespace) -> int:
-    from model.cli import import_timm
-
-    return import_timm(args)
-
-
-def _train(args: argparse.Namespace) -> int:
-    from model.train import run
-
-    return run(args)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from export.cli import run
-
-    return run(args)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from service.cli import run
-
-    return run(args)
+    return handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("presets", help="list the named model presets", description="List the named model presets.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--config", metavar="NAME", help="print the full JSON config of one preset instead")
-    p.set_defaults(handler=_presets)
+    p.set_defaults(handler=_lazy("model.cli", "presets"))
 
     p = commands.add_parser(
         "import-timm",
@@ -78,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="class names, one per line (blank lines ignored) or a JSON list; default: numbered 0, 1, ...",
     )
-    p.set_defaults(handler=_import_timm)
+    p.set_defaults(handler=_lazy("model.cli", "import_timm"))
 
     from export.cli import add_arguments as add_export_arguments  # torch-free
     from stageformer.train_args import DESCRIPTION as TRAIN_DESCRIPTION
@@ -91,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(p)
-    p.set_defaults(handler=_train)
+    p.set_defaults(handler=_lazy("model.train", "run"))
     from service.cli import add_arguments as add_serve_arguments  # torch-free
 
     p = commands.add_parser(
@@ -101,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inside. A parity gate compares ONNX Runtime with PyTorch and refuses to write a model that disagrees.",
     )
     add_export_arguments(p)
-    p.set_defaults(handler=_export)
+    p.set_defaults(handler=_lazy("export.cli", "run"))
 
     p = commands.add_parser(
         "serve",
@@ -110,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v2 Open Inference Protocol, /metrics, /docs. Flags override STAGEFORMER_* environment variables.",
     )
     add_serve_arguments(p)
-    p.set_defaults(handler=_serve)
+    p.set_defaults(handler=_lazy("service.cli", "run"))
     return parser
 
 
