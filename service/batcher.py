@@ -179,21 +179,28 @@ class Batcher:
     def _execute(self, batch: list[_Pending], instance: int) -> None:
         started = time.monotonic()
         waits = tuple(started - p.enqueued for p in batch)
-        failed = False
+        outputs: np.ndarray | None = None
+        error: Exception | None = None
         try:
             outputs = self._run(np.stack([p.item for p in batch]), instance)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"inference returned {len(outputs)} rows for a batch of {len(batch)}")
         except Exception as exc:  # one failing batch fails only its own items
-            failed = True
+            error = exc
             logger.exception("inference failed for a batch of %d on model %r", len(batch), self.name)
+        # Record the batch before anyone sees its result, so a caller holding a result also sees it counted.
+        if self._observer is not None:
+            try:
+                self._observer(BatchStats(len(batch), waits, time.monotonic() - started, error is not None))
+            except Exception:
+                logger.exception("the batch observer failed for model %r", self.name)
+        if error is not None or outputs is None:
+            name = type(error).__name__
             for p in batch:
-                p.future.set_exception(BatchFailedError(f"inference failed: {type(exc).__name__}"))
+                p.future.set_exception(BatchFailedError(f"inference failed: {name}"))
         else:
             for i, p in enumerate(batch):
                 p.future.set_result(outputs[i])
-        if self._observer is not None:
-            self._observer(BatchStats(len(batch), waits, time.monotonic() - started, failed))
 
     def close(self, timeout_s: float | None = None) -> None:
         """Stop accepting; finish what is queued and running; join the workers."""
