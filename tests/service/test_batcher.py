@@ -29,8 +29,10 @@ class Recorder:
         self.seen: list[float] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set once a worker has taken a batch
 
     def __call__(self, batch: np.ndarray, instance: int) -> np.ndarray:
+        self.entered.set()
         self.gate.wait()
         self.sizes.append(len(batch))
         self.seen.extend(batch[:, 0].tolist())
@@ -62,13 +64,13 @@ async def test_every_caller_gets_its_own_row() -> None:
 
 async def test_full_batch_goes_at_once_and_partial_waits_for_the_delay() -> None:
     run = Recorder()
-    batcher = make(run, max_batch_size=4, max_queue_delay_s=0.3)
+    batcher = make(run, max_batch_size=4, max_queue_delay_s=1.0)
     started = time.monotonic()
     await asyncio.gather(*(batcher.submit(item(i), 5.0) for i in range(4)))
-    assert time.monotonic() - started < 0.25  # full: no waiting for the delay
+    assert time.monotonic() - started < 0.8  # full: no waiting for the delay
     started = time.monotonic()
     await batcher.submit(item(9), 5.0)
-    assert time.monotonic() - started >= 0.28  # alone: waits for company until the delay ends
+    assert time.monotonic() - started >= 0.98  # alone: waits for company until the delay ends
     assert run.sizes == [4, 1]
     batcher.close()
 
@@ -78,14 +80,14 @@ async def test_queue_limit_rejects_at_once_without_queueing() -> None:
     run.gate.clear()  # the model is stuck: nothing leaves the queue
     batcher = make(run, max_batch_size=2, max_queue_size=4, max_queue_delay_s=0.0)
     first = asyncio.ensure_future(batcher.submit_many([item(1), item(2)], 5.0))
-    await asyncio.sleep(0.05)  # taken by the (blocked) worker
+    assert await asyncio.to_thread(run.entered.wait, 5.0)  # taken by the (blocked) worker
     waiting = asyncio.ensure_future(batcher.submit_many([item(3), item(4), item(5), item(6)], 5.0))
     await asyncio.sleep(0.01)
     assert batcher.depth == 4
     started = time.monotonic()
     with pytest.raises(QueueFullError, match="has 4 images waiting \\(limit 4\\)"):
         await batcher.submit(item(7), 5.0)
-    assert time.monotonic() - started < 0.05
+    assert time.monotonic() - started < 0.5  # refused at once, not after the 5 s timeout
     assert batcher.depth == 4
     run.gate.set()
     await first
@@ -99,7 +101,7 @@ async def test_timed_out_items_are_never_run_late() -> None:
     run.gate.clear()
     batcher = make(run, max_batch_size=1, max_queue_delay_s=0.0)
     blocker = asyncio.ensure_future(batcher.submit(item(1), 5.0))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(run.entered.wait, 5.0)
     with pytest.raises(RequestTimeoutError):
         await batcher.submit(item(2), 0.1)
     run.gate.set()
@@ -114,7 +116,7 @@ async def test_cancelled_callers_leave_nothing_stuck() -> None:
     run.gate.clear()
     batcher = make(run, max_batch_size=1, max_queue_delay_s=0.0)
     blocker = asyncio.ensure_future(batcher.submit(item(1), 5.0))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(run.entered.wait, 5.0)
     gone = [asyncio.ensure_future(batcher.submit(item(10 + i), 5.0)) for i in range(5)]
     await asyncio.sleep(0.01)
     for task in gone:
