@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -35,6 +37,17 @@ def test_metadata_describes_the_model(tiny_checkpoint) -> None:
     assert json.loads(meta["labels"]) == [str(i) for i in range(10)]  # numbered when none are given
     assert meta["source"] == "test"
     assert not list(tiny_checkpoint.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoint_file_mode_follows_the_umask(tmp_path, umask: int, mode: int) -> None:
+    # safetensors alone writes 600, which a container's non-root user cannot read from a mounted folder
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(create_model("tiny"), tmp_path / "ckpt.safetensors", default_preprocess("tiny"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
 def test_save_rejects_inconsistent_labels_and_preprocessing(tmp_path) -> None:

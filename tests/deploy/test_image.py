@@ -1,0 +1,210 @@
+"""The CPU image, built from this Dockerfile and run with podman as a user runs it with Docker: it becomes
+ready, answers the health check, classifies an image through the published port, serves a mounted /models
+folder, rejects bad settings from the environment, carries no torch, and on SIGTERM finishes the request it
+holds and exits 0.
+
+No registry is reachable here, so the CPU base image is a local Debian image with Python made by
+deploy/ci/podman-setup.sh (CI runs it first; this module runs it when the image is missing). Where podman
+is not installed the module is skipped, except in CI, where that is an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from export.triton import TritonModel, write_repository
+from service.registry import DEMO_MODEL
+
+from .conftest import DEPLOY, ROOT
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="podman runs Linux containers on Linux hosts only")
+
+IMAGE = "localhost/stageformer:test-cpu"
+BASE_IMAGE = os.environ.get("STAGEFORMER_TEST_BASE_IMAGE", "localhost/stageformer-base:bookworm")
+SETUP = DEPLOY / "ci" / "podman-setup.sh"
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+MAX_CPU_IMAGE_BYTES = 450_000_000  # torch alone would add about 750 MB
+# `podman run` options: this machine's hard limits are below podman's defaults
+RUN = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
+
+
+def podman() -> list[str]:
+    """The podman command with the options this kind of machine needs (runc; crun fails on its cgroups)."""
+    found = shutil.which("podman")
+    if found is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("podman is missing: .ci/run must run deploy/ci/podman-setup.sh before the tests")
+        pytest.skip("podman is not installed; deploy/ci/podman-setup.sh installs it (as root, on Debian)")
+    return [found, "--runtime", "runc"] if shutil.which("runc") else [found]
+
+
+def run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*podman(), *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"podman {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if run("image", "exists", BASE_IMAGE, check=False).returncode != 0:
+        setup = subprocess.run(["bash", str(SETUP), "base"], capture_output=True, text=True, timeout=600)
+        assert setup.returncode == 0, f"{SETUP} base failed:\n{setup.stdout}\n{setup.stderr}"
+    build = ["build", "--isolation=chroot", "--format", "docker", "-t", IMAGE]
+    build += ["--build-arg", "FLAVOR=cpu", "--build-arg", f"CPU_BASE_IMAGE={BASE_IMAGE}"]
+    if HOST_CA.is_file():  # pip inside the build trusts what this machine trusts
+        build += ["-v", f"{HOST_CA}:{HOST_CA}:ro"]
+    run(*build, str(ROOT), timeout=900)
+    return IMAGE
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def container(
+    image: str, *args: str, env: dict[str, str] | None = None, volume: str | None = None
+) -> Iterator[tuple[str, int]]:
+    """A detached container publishing port 8000 on 127.0.0.1; removed afterwards."""
+    port = free_port()
+    name = f"stageformer-test-{os.getpid()}-{port}"
+    options = [*RUN, "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000"]
+    for key, value in (env or {}).items():
+        options += ["-e", f"{key}={value}"]
+    if volume:
+        options += ["-v", volume]
+    run("run", *options, image, *args)
+    try:
+        yield name, port
+    finally:
+        run("rm", "-f", "-t", "0", name, check=False)
+
+
+def get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_ready(name: str, port: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if get(port, "/v2/health/ready", timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        if run("inspect", "--format", "{{.State.Running}}", name).stdout.strip() != "true":
+            pytest.fail(f"container exited before it was ready:\n{run('logs', name).stderr}")
+        time.sleep(0.5)
+    pytest.fail(f"not ready after {timeout_s} s:\n{run('logs', name, check=False).stderr}")
+
+
+def drawn_zero() -> bytes:
+    """A dark ring on light paper, as a person would draw a 0."""
+    picture = Image.new("RGB", (96, 96), (245, 243, 235))
+    ImageDraw.Draw(picture).ellipse((28, 14, 68, 82), outline=(25, 25, 35), width=8)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def classify(port: int, png: bytes, timeout: float = 30) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/classify?top_k=3", data=png, headers={"Content-Type": "image/png"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def queue_depth(port: int) -> float:
+    status, body = get(port, "/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith("stageformer_queue_depth{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_image_is_small_non_root_and_has_no_torch(image: str) -> None:
+    config = json.loads(run("image", "inspect", image).stdout)[0]
+    assert config["Size"] < MAX_CPU_IMAGE_BYTES, f"{config['Size'] / 1e6:.0f} MB"
+    assert config["Config"]["User"] == "10001:10001"
+    assert "8000/tcp" in config["Config"]["ExposedPorts"]
+    assert config["Config"]["Entrypoint"] == ["dumb-init", "--", "stageformer", "serve"]
+    assert "/opt/stageformer/healthcheck.py" in " ".join(config["Healthcheck"]["Test"])  # podman lists it apart
+    script = "import importlib.util as u; print(sorted(m for m in ('torch', 'pip', 'onnxruntime') if u.find_spec(m)))"
+    result = run("run", *RUN, "--rm", "--entrypoint", "python", image, "-c", script)
+    assert result.stdout.strip().splitlines()[-1] == "['onnxruntime']", result.stdout  # no torch, no installer
+
+
+def test_serves_the_demo_at_once_and_drains_on_sigterm(image: str) -> None:
+    # a lone image waits 1.5 s for company in the batcher: long enough to stop the container meanwhile
+    with container(image, env={"STAGEFORMER_MAX_QUEUE_DELAY_MS": "1500"}) as (name, port):
+        wait_ready(name, port)
+        assert run("healthcheck", "run", name, check=False).returncode == 0  # the image's HEALTHCHECK
+
+        status, body = classify(port, drawn_zero())
+        assert status == 200, body
+        assert body["model"] == "digits"
+        assert body["results"][0]["predictions"][0]["label"] == "0", body
+
+        answer: dict[str, object] = {}
+        sender = threading.Thread(target=lambda: answer.update(reply=classify(port, drawn_zero())))
+        sender.start()
+        deadline = time.monotonic() + 10
+        while queue_depth(port) < 1:  # the request is queued, not yet run
+            assert time.monotonic() < deadline, "the request never reached the queue"
+            time.sleep(0.05)
+        started = time.monotonic()
+        run("stop", "-t", "60", name, timeout=90)  # SIGTERM, then SIGKILL only after 60 s
+        stopped_in = time.monotonic() - started
+        sender.join(timeout=30)
+
+        assert answer["reply"][0] == 200, answer  # type: ignore[index]
+        state = json.loads(run("inspect", name).stdout)[0]["State"]
+        logs = run("logs", name).stderr
+        assert state["ExitCode"] == 0, logs
+        assert stopped_in < 30, f"stopping took {stopped_in:.1f} s: SIGTERM did not reach the server"
+        assert "stopped" in logs  # the server's own shutdown ran
+
+
+def test_serves_a_mounted_models_folder(image: str, tmp_path: Path) -> None:
+    repo = tmp_path / "models"  # a Triton-style tree, as `stageformer export --triton-repo` writes it
+    write_repository(repo, TritonModel("mounted", "raw", 24, 10, 16, 100), DEMO_MODEL, [str(i) for i in range(10)])
+    with container(image, volume=f"{repo}:/models:ro") as (name, port):
+        wait_ready(name, port)
+        assert get(port, "/v2/models/mounted/ready")[0] == 200
+        assert get(port, "/v2/models/digits")[0] == 404  # the mount replaces the image's demo folder
+        status, body = classify(port, drawn_zero())
+        assert (status, body["model"]) == (200, "mounted")
+
+
+def test_bad_settings_from_the_environment_stop_the_container_with_a_message(image: str) -> None:
+    result = run("run", *RUN, "--rm", "-e", "STAGEFORMER_MAX_BATCH_SIZE=0", image, check=False, timeout=120)
+    assert result.returncode == 2
+    assert "max_batch_size" in result.stderr
