@@ -19,7 +19,7 @@ from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
 from .registry import ModelRegistry
-from .routes import ops, v1, v2
+from .routes import ops, page, v1, v2
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             state.ready = False  # new requests get 503 while queued work finishes
-            await run_in_threadpool(state.registry.close, settings.request_timeout_s)
+            await run_in_threadpool(state.registry.close, state.close_timeout())
             state.decode_pool.shutdown(wait=True)
             logger.info("stopped")
 
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

@@ -1,4 +1,11 @@
-"""``stageformer serve``: settings from flags over ``STAGEFORMER_*`` variables, then uvicorn."""
+"""``stageformer serve``: settings from flags over ``STAGEFORMER_*`` variables, then uvicorn.
+
+Shutdown: the first SIGTERM (or SIGINT) starts a drain. The server keeps its listening socket open and
+answers every new request with 503 and ``Retry-After`` (``Connection: close``) while the requests it had
+admitted finish, for at most ``drain_timeout_s``; then uvicorn closes the socket and the connections,
+the batchers stop, and the process exits with status 0. A second signal stops without waiting for
+the drain (uvicorn's own shutdown, a few seconds at most).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,20 @@ import argparse
 import logging
 import signal
 import sys
+import time
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from .deps import AppState
+
+logger = logging.getLogger(__name__)
 
 # flag name -> Settings field, for the flags that map one to one
 FLAGS = {
@@ -21,6 +38,7 @@ FLAGS = {
     "max_queue_delay_ms": "max_queue_delay_ms",
     "max_queue_size": "max_queue_size",
     "request_timeout_s": "request_timeout_s",
+    "drain_timeout_s": "drain_timeout_s",
     "instances": "instances",
     "threads": "threads",
     "decode_workers": "decode_workers",
@@ -55,17 +73,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     given = {name: getattr(args, flag) for flag, name in FLAGS.items() if getattr(args, flag, None) is not None}
+    if "log_level" not in given and getattr(args, "global_log_level", None) is not None:
+        given["log_level"] = args.global_log_level  # `stageformer --log-level X serve`
     if args.models:
         given["models"] = args.models
     return Settings(**given)
 
 
 class _DrainedError(Exception):
-    """SIGTERM after uvicorn finished its graceful shutdown (or before it started)."""
+    """A signal that uvicorn handled itself (during start-up, or a second one during the drain),
+    re-raised once its shutdown is done."""
 
 
 def _drained(signum: int, frame: object) -> None:
     raise _DrainedError
+
+
+def draining_server(config: uvicorn.Config, state: AppState) -> uvicorn.Server:
+    """A uvicorn server that drains on the first SIGTERM/SIGINT (see the module docstring)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # In a signal handler: set flags only. From here on every new request gets 503.
+            if self.started and not self.should_exit and state.draining_since is None:
+                state.begin_drain()
+            else:
+                super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if state.draining_since is not None and not self.should_exit:
+                waited = time.monotonic() - state.draining_since
+                if counter % 10 == 0 or waited < 0.1:
+                    logger.info("draining: %d request(s) in flight after %.1f s", state.in_flight, waited)
+                if state.in_flight == 0:
+                    logger.info("drained in %.2f s; stopping", waited)
+                    self.should_exit = True
+                elif state.drain_time_left() <= 0 and not state.aborted:
+                    cut = state.abort_waiting()  # they answer 503 now; the next tick stops the server
+                    logger.warning(
+                        "drain timeout of %g s passed with %d request(s) in flight; %d waiting for inference get 503",
+                        state.settings.drain_timeout_s, state.in_flight, cut,
+                    )  # fmt: skip
+                elif state.aborted:
+                    self.config.timeout_graceful_shutdown = 2
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer(config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,11 +142,11 @@ def run(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        timeout_graceful_shutdown=5,  # after the drain: only answers being written remain
     )
-    server = uvicorn.Server(config)
-    # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was there before it:
-    # this one, so that a drained shutdown ends with exit status 0 rather than "killed by SIGTERM".
+    server = draining_server(config, app.state.stageformer)
+    # A signal uvicorn handles itself is re-raised after its shutdown, under the handler that was there
+    # before: this one, so that such a shutdown too ends with exit status 0 rather than "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _drained)
     try:
         server.run()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -20,6 +22,30 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+class ErrorBody(BaseModel):
+    """Every error response: what went wrong and what to do."""
+
+    error: str
+
+
+_MEANINGS = {
+    400: "bad input: an image or tensor that cannot be used",
+    401: "missing or wrong API key",
+    404: "unknown model",
+    413: "body, image (pixels) or image count too large",
+    415: "not an image, or an unsupported Content-Type",
+    422: "malformed request (query parameters)",
+    500: "inference failed on the server (never for bad input)",
+    503: "overloaded, starting or shutting down; retry after `Retry-After` seconds",
+    504: "no result within the request timeout; the request was not run",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` documenting the error statuses a route can answer."""
+    return {status: {"model": ErrorBody, "description": _MEANINGS[status]} for status in statuses}
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -24,6 +24,7 @@ DEMO_MODEL = Path(__file__).parent / "demo" / "digits.onnx"
 class ServedModel:
     runtime: OnnxModel
     batcher: Batcher
+    active: int = 0  # requests admitted and not finished (read, decoded, queued or running); event loop only
 
     @property
     def info(self) -> ModelInfo:

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     )
     max_queue_size: int = Field(256, ge=1, description="images waiting per model beyond which requests get 503")
     request_timeout_s: float = Field(30.0, gt=0.0, description="longest a request may wait for inference (504)")
+    drain_timeout_s: float = Field(
+        25.0, gt=0.0, description="on SIGTERM, longest wait for admitted requests to finish before exiting"
+    )
     instances: int = Field(1, ge=1, le=64, description="ONNX Runtime sessions per model, each with its own thread")
     threads: int = Field(0, ge=0, description="intra-op threads per session; 0 lets ONNX Runtime decide")
     decode_workers: int = Field(

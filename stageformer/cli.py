@@ -30,7 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hierarchical vision transformers from stage configs: build, train, export to ONNX, serve.",
     )
     parser.add_argument("--version", action="version", version=f"stageformer {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    parser.add_argument(
+        "--log-level",
+        dest="global_log_level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default INFO); `serve --log-level` wins where both are given",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = commands.add_parser("presets", help="list the named model presets", description="List the named model presets.")
@@ -98,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = (getattr(args, "log_level", None) or "INFO").upper()
+    level = (getattr(args, "log_level", None) or args.global_log_level or "INFO").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     handler: Handler = args.handler
     try:

@@ -13,8 +13,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from ..deps import Registry, State, in_decode_pool, lookup_model, require_api_key, run_inference
-from ..errors import APIError
+from ..deps import Registry, State, admitted, in_decode_pool, lookup_model, require_api_key, run_inference
+from ..errors import APIError, error_responses
 from ..images import ImageError, prepare
 from ..preprocess import normalize, stack
 
@@ -35,6 +35,16 @@ class ImageResult(BaseModel):
 class ClassifyResponse(BaseModel):
     model: str
     results: list[ImageResult]
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[str]  # in load order; each one's metadata is at /v2/models/{name}
+
+
+@router.get("/models", response_model=ModelList, summary="The served models and the default one")
+def list_models(registry: Registry) -> ModelList:
+    return ModelList(default=registry.default, models=list(registry.models))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -82,27 +92,26 @@ async def _classify(
     request: Request, state: State, registry: Registry, name: str | None, top_k: int
 ) -> ClassifyResponse:
     model = lookup_model(registry, name)
-    info = model.info
-    settings = state.settings
-    images = await read_images(request, settings.max_images)
-    if len(images) > settings.max_images:
-        raise APIError(413, f"{len(images)} images in one request; the limit is {settings.max_images}")
-    started = time.perf_counter()
-    jobs = [
-        in_decode_pool(state, prepare, data, info.preprocess, settings.max_image_pixels, f"image {filename or i}")
-        for i, (filename, data) in enumerate(images)
-    ]
-    results = await asyncio.gather(*jobs, return_exceptions=True)
-    for result in results:
-        if isinstance(result, ImageError):
-            raise APIError(result.status, result.message)
-        if isinstance(result, BaseException):
-            raise result
-    pixels: list[np.ndarray] = list(results)  # type: ignore[arg-type]
-    if info.input_format == "normalized":
-        pixels = list(normalize(stack(pixels), info.preprocess))
-    state.metrics.preprocess_seconds.labels(info.name).observe((time.perf_counter() - started) / len(images))
-    logits = await run_inference(state, model, pixels)
+    with admitted(state, model):  # before the body is read: a full server refuses at once
+        info = model.info
+        settings = state.settings
+        images = await read_images(request, settings.max_images)
+        started = time.perf_counter()
+        jobs = [
+            in_decode_pool(state, prepare, data, info.preprocess, settings.max_image_pixels, f"image {filename or i}")
+            for i, (filename, data) in enumerate(images)
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, ImageError):
+                raise APIError(result.status, result.message)
+            if isinstance(result, BaseException):
+                raise result
+        pixels: list[np.ndarray] = list(results)  # type: ignore[arg-type]
+        if info.input_format == "normalized":
+            pixels = list(normalize(stack(pixels), info.preprocess))
+        state.metrics.preprocess_seconds.labels(info.name).observe((time.perf_counter() - started) / len(images))
+        logits = await run_inference(state, model, pixels, request)
     k = min(top_k, info.num_classes)
     return ClassifyResponse(
         model=info.name,
@@ -132,8 +141,15 @@ _BODY = {
 }
 
 
+_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 500, 503, 504)
+
+
 @router.post(
-    "/classify", response_model=ClassifyResponse, openapi_extra=_BODY, summary="Classify with the default model"
+    "/classify",
+    response_model=ClassifyResponse,
+    openapi_extra=_BODY,
+    responses=_ERRORS,
+    summary="Classify with the default model",
 )
 async def classify(request: Request, state: State, registry: Registry, top_k: TopK = 5) -> ClassifyResponse:
     """Send one or more images as multipart ``file`` parts, or one image as the raw body."""
@@ -141,7 +157,11 @@ async def classify(request: Request, state: State, registry: Registry, top_k: To
 
 
 @router.post(
-    "/models/{model}/classify", response_model=ClassifyResponse, openapi_extra=_BODY, summary="Classify with a model"
+    "/models/{model}/classify",
+    response_model=ClassifyResponse,
+    openapi_extra=_BODY,
+    responses=_ERRORS,
+    summary="Classify with a model",
 )
 async def classify_with(
     model: str, request: Request, state: State, registry: Registry, top_k: TopK = 5

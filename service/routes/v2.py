@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 
 from stageformer import __version__
 
-from ..deps import Registry, State, lookup_model, require_api_key, run_inference
-from ..errors import APIError
+from ..deps import Registry, State, admitted, lookup_model, require_api_key, run_inference
+from ..errors import APIError, error_responses
 from ..registry import ServedModel
 from .v1 import softmax
 
@@ -26,7 +26,7 @@ DATATYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.d
 MAX_DIM = 1 << 24
 
 
-@router.get("", summary="Server metadata", dependencies=secured)
+@router.get("", summary="Server metadata", dependencies=secured, responses=error_responses(401))
 def server_metadata() -> dict[str, Any]:
     return {"name": "stageformer", "version": __version__, "extensions": ["binary_tensor_data", "classification"]}
 
@@ -47,7 +47,7 @@ def _datatype(model: ServedModel) -> str:
     return "UINT8" if model.info.input_format == "raw" else "FP32"
 
 
-@router.get("/models/{model}", summary="Model metadata", dependencies=secured)
+@router.get("/models/{model}", summary="Model metadata", dependencies=secured, responses=error_responses(401, 404, 503))
 @router.get("/models/{model}/versions/{version}", include_in_schema=False, dependencies=secured)
 def model_metadata(model: str, registry: Registry, version: str = "1") -> dict[str, Any]:
     served = _model(registry, model, version)
@@ -68,7 +68,9 @@ def model_metadata(model: str, registry: Registry, version: str = "1") -> dict[s
     }
 
 
-@router.get("/models/{model}/ready", summary="Model readiness", dependencies=secured)
+@router.get(
+    "/models/{model}/ready", summary="Model readiness", dependencies=secured, responses=error_responses(401, 404, 503)
+)
 @router.get("/models/{model}/versions/{version}/ready", include_in_schema=False, dependencies=secured)
 def model_ready(model: str, registry: Registry, version: str = "1") -> dict[str, Any]:
     _model(registry, model, version)
@@ -102,17 +104,32 @@ async def _read_request(request: Request) -> tuple[dict[str, Any], bytes]:
         payload = json.loads(json_part)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the inference request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "the inference request nests JSON too deeply") from None
     if not isinstance(payload, dict):
         raise APIError(400, "the inference request must be a JSON object with 'inputs'")
     return payload, binary
 
 
-def _flatten(data: Any) -> list[Any]:
+_END = object()
+
+
+def _flatten(data: Any, max_values: int) -> list[Any]:
+    """Tensor data, flat or nested lists (row-major), as one flat list; no recursion, so no depth limit
+    to trip over. Stops once more than ``max_values`` values were seen."""
     if not isinstance(data, list):
         return [data]
-    if data and isinstance(data[0], list):
-        return [x for item in data for x in _flatten(item)]
-    return data
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack and len(flat) <= max_values:
+        value = next(stack[-1], _END)
+        if value is _END:
+            stack.pop()
+        elif isinstance(value, list):
+            stack.append(iter(value))
+        else:
+            flat.append(value)
+    return flat
 
 
 def _decode_input(spec: Any, binary: bytes, offset: int, served: ServedModel) -> tuple[np.ndarray, int]:
@@ -154,16 +171,18 @@ def _decode_input(spec: Any, binary: bytes, offset: int, served: ServedModel) ->
     else:
         if "data" not in spec:
             raise APIError(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-        flat = _flatten(spec["data"])
+        flat = _flatten(spec["data"], count)
         if len(flat) != count:
-            raise APIError(400, f"input {name!r}: {len(flat)} values for shape {shape} ({count} values)")
+            seen = f"{len(flat)}" if len(flat) <= count else f"more than {count}"
+            raise APIError(400, f"input {name!r}: {seen} values for shape {shape} ({count} values)")
         try:
             values = np.asarray(flat, dtype=np.float64)
         except (TypeError, ValueError):
             raise APIError(400, f"input {name!r}: data must be numbers") from None
         if datatype == "UINT8" and (values.min() < 0 or values.max() > 255 or np.any(values != np.floor(values))):
             raise APIError(400, f"input {name!r}: UINT8 data must be integers in 0..255")
-        array = values.astype(dtype).reshape(shape)
+        with np.errstate(over="ignore"):  # FP32 overflow becomes Inf, refused below
+            array = values.astype(dtype).reshape(shape)
     if dtype == np.float32 and not np.isfinite(array).all():
         raise APIError(400, f"input {name!r}: FP32 data holds NaN or Inf")
     return array, offset
@@ -176,10 +195,69 @@ def _classification(logits: np.ndarray, labels: tuple[str, ...], k: int) -> np.n
     return np.asarray(rows, dtype=object)
 
 
-@router.post("/models/{model}/infer", summary="Inference (JSON or binary tensors)", dependencies=secured)
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {"type": "string", "enum": list(DATATYPES)},
+        "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}},
+        "data": {"type": "array", "items": {}, "description": "row-major values, flat or nested"},
+    },
+}
+_OUTPUT = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "parameters": {
+            "type": "object",
+            "properties": {"binary_data": {"type": "boolean"}, "classification": {"type": "integer", "minimum": 1}},
+        },
+    },
+}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "inputs": {"type": "array", "items": _TENSOR},
+                        "outputs": {"type": "array", "items": _OUTPUT},
+                        "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+                    },
+                }
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "binary tensor extension: the JSON header (Inference-Header-Content-Length bytes), "
+                "then the tensors' bytes",
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/models/{model}/infer",
+    summary="Inference (JSON or binary tensors)",
+    dependencies=secured,
+    openapi_extra=_INFER_BODY,
+    responses=error_responses(400, 401, 404, 413, 500, 503, 504),
+)
 @router.post("/models/{model}/versions/{version}/infer", include_in_schema=False, dependencies=secured)
 async def infer(model: str, request: Request, state: State, registry: Registry, version: str = "1") -> Response:
     served = _model(registry, model, version)
+    with admitted(state, served):  # before the body is read: a full server refuses at once
+        return await _infer(served, request, state)
+
+
+async def _infer(served: ServedModel, request: Request, state: State) -> Response:
     info = served.info
     payload, binary = await _read_request(request)
     inputs = payload.get("inputs")
@@ -198,7 +276,7 @@ async def infer(model: str, request: Request, state: State, registry: Registry, 
             raise APIError(400, f"unknown output {out.get('name')!r}; model {info.name!r} has {info.output_name!r}")
     if info.input_format == "normalized" and array.dtype != np.float32:
         array = array.astype(np.float32)
-    rows = await run_inference(state, served, list(array))
+    rows = await run_inference(state, served, list(array), request)
     logits = np.stack(rows)
 
     response_outputs: list[dict[str, Any]] = []

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from .conftest import png
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,26 +118,6 @@ def test_tritonclient_round_trip_on_a_live_server(tiny_onnx: Path) -> None:
         assert int(top[0, 0].decode().split(":")[1]) == int(np.argmax(expected[0]))
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits_zero(tiny_onnx: Path) -> None:
-    with running_server(str(tiny_onnx), "--max-queue-delay-ms", "50") as (port, process):
-        results: list[int] = []
-
-        def send(seed: int) -> None:
-            results.append(classify(port, png(seed=seed))[0])
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
-        for thread in threads:
-            thread.start()
-        time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join(30)
-        assert process.wait(30) == 0
-        assert results and all(status == 200 for status in results), results
-        with pytest.raises(OSError):
-            classify(port, png())
-
-
 def test_invalid_settings_fail_at_start_up_with_a_clear_message(tiny_onnx: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "stageformer", "serve", str(tiny_onnx), "--max-batch-size", "0"],
@@ -171,3 +147,15 @@ def cuda_really_works(onnx_path: Path) -> bool:
     options.log_severity_level = 4
     session = ort.InferenceSession(str(onnx_path), options, providers=["CUDAExecutionProvider"])
     return session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_log_level_before_the_subcommand_reaches_serve_and_serve_s_own_flag_wins() -> None:
+    from service.cli import settings_from_args
+    from stageformer.cli import build_parser
+
+    parser = build_parser()
+    assert settings_from_args(parser.parse_args(["--log-level", "debug", "serve"])).log_level == "debug"
+    both = parser.parse_args(["--log-level", "debug", "serve", "--log-level", "warning"])
+    assert settings_from_args(both).log_level == "warning"
+    assert settings_from_args(parser.parse_args(["serve"])).log_level == "info"
+    assert settings_from_args(parser.parse_args(["serve", "--drain-timeout-s", "3"])).drain_timeout_s == 3.0

@@ -1,12 +1,11 @@
-"""/v1 classify through the whole app (lifespan running): answers, batching, isolation, errors."""
+"""/v1 classify through the whole app (lifespan running): answers, order, batching. Bad input is in
+test_bad_input.py, overload and faults in test_faults.py, the API key in test_security.py."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import re
-import struct
-import zlib
 
 import numpy as np
 import onnxruntime as ort
@@ -14,7 +13,7 @@ from PIL import Image
 
 from service.preprocess import PreprocessConfig, preprocess
 
-from .conftest import LABELS, png, serve
+from .conftest import LABELS, png
 
 
 def reference_scores(onnx_path, data: bytes) -> np.ndarray:
@@ -84,112 +83,3 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(clie
     calls = float(re.search(r'stageformer_batch_size_count\{model="tiny"\} (\S+)', metrics).group(1))
     assert total / calls > 1.0, "concurrent requests should share inference calls"
     assert 'stageformer_requests_total{method="POST",route="/v1/classify",status="200"}' in metrics
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (a decompression bomb's header)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-async def test_bad_input_gets_the_documented_status_and_a_json_error(tiny_onnx) -> None:
-    async with serve(models=[str(tiny_onnx)], max_images=3, max_body_bytes=200_000, max_image_pixels=1_000_000) as c:
-        good = png()
-        cases = [
-            ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "is empty"),
-            ({"content": b"just text", "headers": {"content-type": "image/jpeg"}}, 415, "not an image"),
-            ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported Content-Type"),
-            (
-                {"content": good[: len(good) // 2], "headers": {"content-type": "image/png"}},
-                400,
-                "truncated or corrupt",
-            ),
-            ({"content": _png_header_only(30000, 30000), "headers": {"content-type": "image/png"}}, 413, "pixels"),
-            ({"content": b"x" * 300_000, "headers": {"content-type": "image/png"}}, 413, "limit is 200,000"),
-            ({"files": [("file", ("a.png", good, "image/png"))] * 4}, 413, "at most 3 images"),
-            ({"files": [("image", ("a.png", good, "image/png"))]}, 400, "no part named 'file'"),
-            ({"data": {"file": "not a file"}, "files": [("other", ("a", b"x", "text/plain"))]}, 400, "file upload"),
-        ]
-        for kwargs, status, message in cases:
-            response = await c.post("/v1/classify", **kwargs)
-            assert response.status_code == status, (kwargs.keys(), response.text)
-            assert message in response.json()["error"], response.json()
-            assert "Traceback" not in response.text
-        assert (await c.post("/v1/models/nope/classify", content=good)).status_code == 404
-        bad_k = await c.post("/v1/classify", content=good, headers={"content-type": "image/png"}, params={"top_k": 0})
-        assert bad_k.status_code == 422 and "top_k" in bad_k.json()["error"]
-        assert (await c.get("/v1/nothing")).json()["error"].startswith("no route GET /v1/nothing")
-        # the server kept serving through all of that
-        ok = await c.post("/v1/classify", content=good, headers={"content-type": "image/png"})
-        assert ok.status_code == 200
-
-
-async def test_image_modes_and_formats(client) -> None:
-    for mode, fmt in [("L", "PNG"), ("RGBA", "PNG"), ("P", "GIF"), ("CMYK", "JPEG"), ("RGB", "WEBP"), ("RGB", "BMP"),
-                      ("RGB", "TIFF")]:  # fmt: skip
-        buffer = io.BytesIO()
-        Image.new(mode, (23, 17)).save(buffer, format=fmt)
-        response = await client.post(
-            "/v1/classify", files=[("file", (f"x.{fmt.lower()}", buffer.getvalue(), "image/x"))]
-        )
-        assert response.status_code == 200, (mode, fmt, response.text)
-
-
-async def test_api_key_guards_inference_and_metadata_not_health(tiny_onnx) -> None:
-    async with serve(models=[str(tiny_onnx)], api_key="s3cret") as c:
-        data = png()
-        missing = await c.post("/v1/classify", content=data, headers={"content-type": "image/png"})
-        wrong = await c.post(
-            "/v1/classify", content=data, headers={"content-type": "image/png", "authorization": "Bearer nope"}
-        )
-        assert missing.status_code == wrong.status_code == 401
-        assert "API key" in missing.json()["error"]
-        right = await c.post(
-            "/v1/classify", content=data, headers={"content-type": "image/png", "authorization": "Bearer s3cret"}
-        )
-        assert right.status_code == 200
-        assert (await c.get("/v2/models/tiny")).status_code == 401
-        assert (await c.get("/v2")).status_code == 401
-        assert (await c.get("/v2/health/ready")).status_code == 200
-        assert (await c.get("/v2/health/live")).status_code == 200
-
-
-async def test_overload_inference_failure_and_timeout(tiny_onnx) -> None:
-    async with serve(models=[str(tiny_onnx)], max_queue_size=2, max_batch_size=1, request_timeout_s=4.0) as c:
-        batcher = c.app.state.stageformer.registry.models["tiny"].batcher
-        real_run = batcher._run
-        gate = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def stuck(batch, instance):
-            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(30)
-            return real_run(batch, instance)
-
-        batcher._run = stuck
-        headers = {"content-type": "image/png"}
-        # the model is stuck: one request runs, two wait (the queue limit), the rest are refused at once
-        responses = await asyncio.gather(
-            *(c.post("/v1/classify", content=png(seed=i), headers=headers) for i in range(6))
-        )
-        statuses = [r.status_code for r in responses]
-        assert statuses.count(503) >= 3 and set(statuses) <= {503, 504}, statuses
-        rejected = next(r for r in responses if r.status_code == 503)
-        assert rejected.headers["retry-after"] == "1" and "overloaded" in rejected.json()["error"]
-        assert 504 in statuses  # the queued ones waited past their timeout and were not run
-        gate.set()
-        await asyncio.sleep(0.2)  # the stuck call finishes
-
-        def broken(batch, instance):
-            raise RuntimeError("injected")
-
-        batcher._run = broken
-        failed = await c.post("/v1/classify", content=png(), headers=headers)
-        assert failed.status_code == 500 and "inference failed" in failed.json()["error"]
-        batcher._run = real_run
-        assert (await c.post("/v1/classify", content=png(), headers=headers)).status_code == 200
-        metrics = (await c.get("/metrics")).text
-        assert 'stageformer_rejections_total{model="tiny",reason="queue_full"}' in metrics

@@ -1,4 +1,5 @@
-"""/v2 Open Inference Protocol: metadata, health, JSON and binary tensors, classification, errors."""
+"""/v2 Open Inference Protocol: metadata, health, JSON and binary tensors, classification. Bad requests
+are in test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -76,49 +77,3 @@ async def test_binary_tensors_in_and_out_and_classification(client, tiny_onnx) -
     assert out["datatype"] == "BYTES" and out["shape"] == [3, 2]
     score, index, label = out["data"][0].split(":")
     assert int(index) == int(np.argmax(logits[0])) and label == f"class-{index}" and 0 < float(score) <= 1
-
-
-async def test_bad_v2_requests_get_4xx_json_errors(client) -> None:
-    array = pixels(1)
-    ok_input = {"name": "image", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": array.ravel().tolist()}
-    bad_inputs = [
-        ({**ok_input, "datatype": "FP32"}, "this model takes UINT8"),
-        ({**ok_input, "shape": [1, 16, 16, 3]}, "does not fit the model"),
-        ({**ok_input, "shape": [2, 32, 32, 3]}, "values for shape"),
-        ({**ok_input, "shape": [-1, 32, 32, 3]}, "negative or huge"),
-        ({**ok_input, "shape": [1 << 30, 32, 32, 3]}, "negative or huge"),
-        ({**ok_input, "name": "pixels"}, "unknown input 'pixels'"),
-        ({**ok_input, "data": [300] * (32 * 32 * 3)}, "0..255"),
-        ({**ok_input, "data": ["a"] * (32 * 32 * 3)}, "must be numbers"),
-        ({k: v for k, v in ok_input.items() if k != "data"}, "neither 'data'"),
-        ({**ok_input, "shape": "1,32,32,3"}, "list of integers"),
-    ]
-    for spec, message in bad_inputs:
-        response = await client.post("/v2/models/tiny/infer", json={"inputs": [spec]})
-        assert response.status_code == 400, (message, response.text)
-        assert message in response.json()["error"]
-    nan = {"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [float("nan")] * 3072}
-    response = await client.post(
-        "/v2/models/tiny-norm/infer",
-        content=json.dumps({"inputs": [nan]}),
-        headers={"content-type": "application/json"},
-    )
-    assert response.status_code == 400 and "NaN or Inf" in response.json()["error"]
-
-    head = json.dumps({"inputs": [{**ok_input, "parameters": {"binary_data_size": 99}}]}).encode()
-    data = head + array.tobytes()
-    response = await client.post(
-        "/v2/models/tiny/infer", content=data, headers={"Inference-Header-Content-Length": str(len(head))}
-    )
-    assert response.status_code == 400 and "binary" in response.json()["error"]
-    response = await client.post(
-        "/v2/models/tiny/infer", content=data, headers={"Inference-Header-Content-Length": "x"}
-    )
-    assert response.status_code == 400
-    response = await client.post("/v2/models/tiny/infer", content=b"{not json")
-    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
-    response = await client.post("/v2/models/nope/infer", json={"inputs": [ok_input]})
-    assert response.status_code == 404
-    response = await client.post("/v2/models/tiny/infer", json={"inputs": [ok_input], "outputs": [{"name": "probs"}]})
-    assert response.status_code == 400 and "unknown output" in response.json()["error"]
-    assert (await client.post("/v2/models/tiny/infer", json={"inputs": [ok_input]})).status_code == 200
