@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,7 +79,8 @@ class PreprocessConfig:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright RGB: EXIF orientation applied; grayscale, palette, alpha, CMYK and 16-bit become RGB.
     Transparent pixels are composited over white."""
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):  # else exif_transpose only copies
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):

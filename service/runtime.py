@@ -125,6 +125,11 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # ORT's own fallback warnings are replaced by one clear line below
+        # ONNX Runtime's pool threads spin for a long while after each parallel section by default, holding
+        # cores that this process's decoding and HTTP threads need. A 50 µs spin still bridges the gaps
+        # between the operators of one run (latency as with the default), then the threads sleep: on 2
+        # cores this used the least CPU per call of default, no spinning and 500 µs (bench/).
+        options.add_session_config_entry("session.intra_op.spin_duration_us", "50")
         providers = self._providers(device, trt_cache_dir, max_batch_size)
         try:
             self.sessions = [

@@ -1,0 +1,213 @@
+"""Report writing and target checks from a results document, and the parts of the runner that need
+no server: metrics parsing, batch-size deltas, the /v2 request format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import report, servers
+from bench.loadgen import summarize
+
+
+def level(
+    concurrency: int, throughput: float, p99: float, batch: float | None = None, errors: int = 0
+) -> dict[str, Any]:
+    data = summarize(concurrency, 1.0, [0.001] * int(throughput), {"200": int(throughput)}).to_dict()
+    data["latency_ms"]["p99"] = p99
+    data["errors"] = errors
+    data["mean_batch"] = batch
+    return data
+
+
+def workload(preset: str, limit: float, systems: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    return {
+        "preset": preset,
+        "image_size": 32,
+        "limit": {"provider": "CPUExecutionProvider", "per_batch": {"8": {"images_per_s": limit}}, "best_batch": 8,
+                  "images_per_s": limit},
+        "decode": {"ms_per_image": 2.0, "images_per_s": 500.0},
+        "serving": {name: {"startup_s": 1.0, "levels": levels} for name, levels in systems.items()},
+        "skipped": {},
+    }  # fmt: skip
+
+
+def results(pool_ours16: float = 90.0, cifar_ours64: float = 300.0, lit_factor: float = 0.9) -> dict[str, Any]:
+    pool = workload(
+        "poolformer_s12",
+        100.0,
+        {
+            servers.OURS_V1: [level(1, 30, 40, 1.0), level(16, pool_ours16, 200, 12.0)],
+            servers.OURS_V2: [level(1, 35, 35, 1.0), level(16, 95, 190, 13.0)],
+            servers.PLAIN: [level(1, 25, 50), level(16, 40, 900)],
+            servers.LITSERVE: [level(1, 30 * lit_factor, 60, 1.0), level(16, pool_ours16 * lit_factor, 250, 8.0)],
+        },
+    )
+    cifar = workload(
+        "xformers_cifar_metaformer",
+        1000.0,
+        {
+            servers.OURS_V1: [level(64, cifar_ours64, 250, 30.0)],
+            servers.PLAIN: [level(64, 150, 400)],
+            servers.LITSERVE: [level(64, cifar_ours64 * lit_factor, 300, 20.0)],
+        },
+    )
+    return {
+        "meta": {
+            "started": "2026-01-01T00:00:00+00:00",
+            "duration_s": 12.0,
+            "command": "python -m bench",
+            "machine": {"cpu": "Test CPU", "cores": 2, "memory_gib": 4.0, "gpus": [], "os": "Linux", "python": "3.11",
+                        "versions": {"onnxruntime": "1.0"}, "load_average_at_start": [0.1, 0.2, 0.3]},
+            "config": {"warmup_s": 1.0, "duration_s": 5.0, "serve_args": []},
+            "images": {"source": "synthetic", "names": ["a.jpg"], "sizes": [[500, 375]], "mean_bytes": 40000},
+        },
+        "engine": [
+            {"workload": "poolformer_s12@224", "engine": "PyTorch eager, CPU", "batch": 1, "images_per_s": 10.0,
+             "ms_per_call": 100.0, "calls": 3},
+            {"workload": "poolformer_s12@224", "engine": "ONNX Runtime, CPU", "batch": 1, "images_per_s": 25.0,
+             "ms_per_call": 40.0, "calls": 3},
+        ],
+        "workloads": {"poolformer_s12@224": pool, "xformers_cifar_metaformer@32": cifar},
+    }  # fmt: skip
+
+
+def test_targets_met() -> None:
+    rows = report.targets(results())
+    assert [r["met"] for r in rows] == [True, True, True]
+    assert rows[0]["measured"].startswith("0.90 of the limit")
+    assert rows[1]["measured"].startswith("2.00x")
+    assert "lowest 1.11x" in rows[2]["measured"]
+
+
+def test_targets_missed() -> None:
+    rows = report.targets(results(pool_ours16=80.0, cifar_ours64=200.0, lit_factor=1.1))
+    assert [r["met"] for r in rows] == [False, False, False]
+    assert rows[0]["measured"].startswith("0.80")
+    assert rows[1]["measured"].startswith("1.33x")
+    assert "missed at poolformer_s12@224 c=1" in rows[2]["measured"]
+
+
+def test_worse_p99_misses_even_with_more_throughput() -> None:
+    data = results()
+    data["workloads"]["xformers_cifar_metaformer@32"]["serving"][servers.OURS_V1]["levels"][0]["latency_ms"]["p99"] = (
+        500
+    )
+    rows = report.targets(data)
+    assert rows[1]["met"] is False and rows[2]["met"] is False
+
+
+def test_targets_not_measured() -> None:
+    data = results()
+    del data["workloads"]["poolformer_s12@224"]
+    for system in (servers.PLAIN, servers.LITSERVE):
+        del data["workloads"]["xformers_cifar_metaformer@32"]["serving"][system]
+    assert [r["met"] for r in report.targets(data)] == [None, None, None]
+
+
+def test_report_and_plots(tmp_path: Path) -> None:
+    data = results()
+    json.dumps(data)  # the document is plain JSON
+    path = report.write(data, tmp_path, "python -m bench")
+    text = path.read_text()
+    assert "Test CPU, 2 cores" in text and "onnxruntime 1.0" in text
+    assert "## Serving: poolformer_s12@224" in text and "## Serving: xformers_cifar_metaformer@32" in text
+    # the row of our server at 16 clients: throughput, p99, batch, × plain, × LitServe, fraction of the limit
+    row = next(line for line in text.splitlines() if line.startswith(f"| {servers.OURS_V1} | 16 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "90.0" and cells[5] == "200.0" and cells[6] == "12.0"
+    assert cells[8] == "2.25x" and cells[9] == "1.11x" and cells[10] == "0.90"
+    assert "| ONNX Runtime / PyTorch, CPU | 2.50x |" in text
+    for name in ("serving-poolformer_s12-224.png", "serving-xformers_cifar_metaformer-32.png", "engines.png"):
+        assert f"]({name})" in text
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.width > 400
+
+
+def test_parse_metrics_and_batch_deltas(tmp_path: Path) -> None:
+    text = "\n".join(
+        [
+            "# HELP stageformer_batch_size images per inference call",
+            'stageformer_batch_size_bucket{le="1.0",model="m"} 3.0',
+            'stageformer_batch_size_count{model="m"} 10.0',
+            'stageformer_batch_size_sum{model="m"} 45.0',
+            'stageformer_batch_size_count{model="other"} 99.0',
+            'stageformer_inference_seconds_sum{model="m"} 1.5',
+        ]
+    )
+    assert servers.parse_metrics(text, "m") == {
+        "stageformer_batch_size_count": 10.0,
+        "stageformer_batch_size_sum": 45.0,
+        "stageformer_inference_seconds_sum": 1.5,
+    }
+    counters = servers.Counters("stageformer", 1, "m", tmp_path / "none.txt")
+    counters.before = {"stageformer_batch_size_count": 10.0, "stageformer_batch_size_sum": 45.0}
+    counters.after = {"stageformer_batch_size_count": 14.0, "stageformer_batch_size_sum": 77.0}
+    assert counters.mean_batch() == pytest.approx(8.0)
+    assert servers.Counters("plain", 1, "m", tmp_path).mean_batch() == 1.0
+
+
+async def test_litserve_batch_log(tmp_path: Path) -> None:
+    log = tmp_path / "batches.txt"
+    log.write_text("4\n4\n")
+    counters = servers.Counters("litserve", 1, "m", log)
+    start, end = counters.hooks()
+    await start()
+    log.write_text("4\n4\n16\n8\n")
+    await end()
+    assert counters.mean_batch() == pytest.approx(12.0)
+
+
+def test_v2_request_is_binary_tensor() -> None:
+    pixels = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 3)
+    raw = servers.v2_request(8000, "m", pixels).raw
+    head, body = raw.split(b"\r\n\r\n", 1)
+    length = int(
+        next(h for h in head.decode().split("\r\n") if h.startswith("Inference-Header-Content-Length")).split(":")[1]
+    )
+    header = json.loads(body[:length])
+    assert header["inputs"][0]["shape"] == [1, 2, 2, 3] and header["inputs"][0]["datatype"] == "UINT8"
+    assert header["inputs"][0]["parameters"]["binary_data_size"] == 12
+    assert body[length:] == pixels.tobytes()
+    assert head.startswith(b"POST /v2/models/m/infer HTTP/1.1")
+
+
+def test_group_cpu_seconds_counts_this_process_group() -> None:
+    import os
+    import time
+
+    pgid = os.getpgid(0)
+    before = servers.group_cpu_seconds(pgid)
+    if before is None:
+        pytest.skip("no /proc on this system")
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn 0.3 s of CPU in this process
+        pass
+    after = servers.group_cpu_seconds(pgid)
+    assert after is not None and after - before >= 0.25
+    assert servers.group_cpu_seconds(0) is None
+
+
+def test_combine_adds_windows() -> None:
+    windows = [{"images": 30.0, "batches": 10.0, "cpu_s": 1.0}, {"images": 10.0, "batches": 10.0, "cpu_s": 0.5}]
+    total = servers.Counters.combine(windows)
+    assert total == {"images": 40.0, "batches": 20.0, "cpu_s": 1.5, "mean_batch": 2.0}
+    assert servers.Counters.combine([{"cpu_s": 1.0}, {}]) == {}  # only what every window measured
+
+
+def test_limits_of_the_rounds_are_averaged() -> None:
+    from bench.engine import combine_limits
+
+    def one(rates: dict[int, float]) -> dict[str, Any]:
+        return {"provider": "CPUExecutionProvider", "per_batch": {b: {"images_per_s": r} for b, r in rates.items()}}
+
+    combined = combine_limits([one({1: 10.0, 8: 30.0}), one({1: 20.0, 8: 20.0})])
+    assert combined["per_batch"][1] == {"images_per_s": 15.0, "rounds": [10.0, 20.0]}
+    assert combined["best_batch"] == 8 and combined["images_per_s"] == 25.0 and combined["measurements"] == 2
+    with pytest.raises(ValueError):
+        combine_limits([])
