@@ -25,7 +25,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 DESCRIPTION = (
     "Measure engines (PyTorch eager vs ONNX Runtime), serving under load (stageformer /v1 and /v2 against a "
     "plain FastAPI server and LitServe, on the same ONNX file and JPEG files) and the in-process limit; write "
-    "report.md, results.json and PNG plots. The full run takes about 20 minutes on 2 CPU cores; --quick about 4."
+    "report.md, results.json and PNG plots. The full run takes 16 to 20 minutes on 2 CPU cores, --quick a few minutes."
 )
 
 QUICK = {
