@@ -18,7 +18,7 @@ from playwright.sync_api import Browser, ConsoleMessage, FilePayload, JSHandle, 
 
 from service.registry import DEMO_MODEL
 
-from ..service.test_process import running_server
+from ..service.harness import server_process
 from .conftest import digit_png, is_png
 
 TEXT_FILE = FilePayload(name="notes.txt", mimeType="text/plain", buffer=b"this is not an image\n")
@@ -115,7 +115,7 @@ def expect_prediction(page: Page, filename: str, digit: int) -> None:
 
 def test_page_classifies_uploaded_and_dropped_digits_and_shows_refusals(tab: Page, artifacts: Path) -> None:
     page = tab
-    with running_server() as (port, _):
+    with server_process() as (port, _):
         base = f"http://127.0.0.1:{port}"
         seen = Watched(page, base)
         page.goto(base + "/")
@@ -188,7 +188,7 @@ def test_page_asks_for_the_api_key_and_works_with_it(tab: Page, artifacts: Path,
     second = tmp_path / "digits-copy" / "1" / "model.onnx"  # a second model, named by its folder
     second.parent.mkdir(parents=True)
     shutil.copyfile(DEMO_MODEL, second)
-    with running_server(str(DEMO_MODEL), str(second), STAGEFORMER_API_KEY=KEY) as (port, _):
+    with server_process(str(DEMO_MODEL), str(second), STAGEFORMER_API_KEY=KEY) as (port, _):
         base = f"http://127.0.0.1:{port}"
         seen = Watched(page, base)
         page.goto(base + "/")  # the page itself needs no key

@@ -3,60 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError("server did not become ready in time")
-
-
-@contextmanager
-def running_server(*args: str, **env: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stageformer", "serve", *args, "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_ready(port, process)
-        yield port, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+from .harness import ROOT, free_port, server_process
 
 
 def classify(port: int, data: bytes) -> tuple[int, dict]:
@@ -99,7 +55,7 @@ def test_tritonclient_round_trip_on_a_live_server(tiny_onnx: Path) -> None:
     array = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
     expected = session.run(None, {"image": array})[0]
-    with running_server(str(tiny_onnx)) as (port, _):
+    with server_process(str(tiny_onnx)) as (port, _):
         client = tritonclient_http.InferenceServerClient(url=f"127.0.0.1:{port}")
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
         metadata = client.get_model_metadata("tiny")
