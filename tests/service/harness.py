@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.batcher import Batcher
 from service.deps import AppState
 from service.registry import ServedModel
 from service.settings import Settings
@@ -120,6 +121,14 @@ class GatedRun:
         self.gate.set()
         self.entered = threading.Event()
         self.batches: list[list[int]] = []
+
+    @classmethod
+    def stuck(cls, batcher: Batcher, poison: int | None = None) -> GatedRun:
+        """Wrap ``batcher``'s run with the gate closed: nothing leaves its queue until ``gate.set()``."""
+        gated = cls(batcher._run, poison)
+        batcher._run = gated
+        gated.gate.clear()
+        return gated
 
     def __call__(self, batch: np.ndarray, instance: int) -> np.ndarray:
         self.entered.set()

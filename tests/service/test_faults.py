@@ -16,9 +16,7 @@ def test_a_burst_far_beyond_the_queue_gets_fast_503s_and_the_accepted_requests_s
     queue, batch = 4, 2
     with live_server(models=[str(tiny_onnx)], max_queue_size=queue, max_batch_size=batch, max_queue_delay_ms=0) as live:
         model = live.model("tiny")
-        gated = GatedRun(model.batcher._run)
-        model.batcher._run = gated
-        gated.gate.clear()  # the model is stuck: nothing leaves the queue until the burst is answered
+        gated = GatedRun.stuck(model.batcher)  # nothing leaves the queue until the burst is answered
         peaks = {"active": 0, "depth": 0}
         sampling = threading.Event()
 
@@ -66,9 +64,7 @@ def test_a_burst_far_beyond_the_queue_gets_fast_503s_and_the_accepted_requests_s
 def test_an_inference_error_fails_only_the_requests_of_its_batch(tiny_onnx: Path) -> None:
     with live_server(models=[str(tiny_onnx)], max_batch_size=2, max_queue_delay_ms=0) as live:
         model = live.model("tiny")
-        gated = GatedRun(model.batcher._run, poison=7)
-        model.batcher._run = gated
-        gated.gate.clear()
+        gated = GatedRun.stuck(model.batcher, poison=7)
         with ThreadPoolExecutor(8) as pool:
             first = pool.submit(classify, live.port, marked_png(9))  # runs alone, held at the gate
             wait_until(gated.entered.is_set, what="the first batch")
@@ -96,9 +92,7 @@ def test_a_timed_out_request_gets_504_and_is_never_run_late(tiny_onnx: Path) -> 
         models=[str(tiny_onnx)], max_batch_size=1, max_queue_delay_ms=0, request_timeout_s=timeout
     ) as live:
         model = live.model("tiny")
-        gated = GatedRun(model.batcher._run)
-        model.batcher._run = gated
-        gated.gate.clear()
+        gated = GatedRun.stuck(model.batcher)
         with ThreadPoolExecutor(4) as pool:
             running = pool.submit(classify, live.port, marked_png(1))
             wait_until(gated.entered.is_set, what="the first batch")
@@ -117,9 +111,7 @@ def test_a_timed_out_request_gets_504_and_is_never_run_late(tiny_onnx: Path) -> 
 def test_clients_that_disconnect_while_queued_leave_nothing_behind(tiny_onnx: Path) -> None:
     with live_server(models=[str(tiny_onnx)], max_batch_size=1, max_queue_delay_ms=0) as live:
         model = live.model("tiny")
-        gated = GatedRun(model.batcher._run)
-        model.batcher._run = gated
-        gated.gate.clear()
+        gated = GatedRun.stuck(model.batcher)
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(classify, live.port, marked_png(1))
             wait_until(gated.entered.is_set, what="the first batch")
