@@ -1,4 +1,4 @@
-"""Importing timm's MetaFormer weights, checked against timm's own outputs (the shared fixtures)."""
+"""Importing timm's MetaFormer weights, checked against timm's own outputs (tests/fixtures/timm-metaformer)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from model.timm_import import (
 from service.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from stageformer.cli import main
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "timm-metaformer"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "timm-metaformer"
 FAMILIES = ["poolformer_v1", "poolformer_v2", "convformer", "caformer"]
 LABELS = [f"class {i}" for i in range(10)]
 
@@ -35,8 +35,8 @@ LABELS = [f"class {i}" for i in range(10)]
 def fixtures() -> Path:
     if not (FIXTURES / "README.md").is_file():
         pytest.fail(
-            f"timm reference fixtures not found at {FIXTURES}; the repository expects shared/fixtures/"
-            "timm-metaformer in a 'shared' folder beside the checkout",
+            f"timm reference fixtures not found at {FIXTURES}; they are part of the repository (restore them "
+            "with `git checkout -- tests/fixtures`)",
             pytrace=False,
         )
     return FIXTURES
