@@ -3,13 +3,15 @@
 A fresh clone has nothing beside it, so a test that reads a sibling folder (``../shared``, another checkout)
 passes here and fails for every user. Every ``open`` of the test process goes through an audit hook; a file
 under the repository's parent folder but outside the repository (hidden folders such as ``~/.cache`` aside)
-is recorded, and the run fails at its end, listing them.
+is recorded, unless it belongs to the environment (the interpreter, a folder on ``sys.path``, the temporary
+folder), and the run fails at its end, listing them.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,9 +30,17 @@ def _watch(event: str, args: tuple[object, ...]) -> None:
         path = os.path.abspath(os.fsdecode(args[0]))
     except (TypeError, ValueError):
         return
-    if path.startswith(_BESIDE_PREFIX) and not path.startswith(_ROOT_PREFIX) and path != str(ROOT):
-        if not path[len(_BESIDE_PREFIX) :].startswith(".") and path not in _outside:
-            _outside.append(path)
+    beside = path.startswith(_BESIDE_PREFIX) and not path.startswith(_ROOT_PREFIX) and path != str(ROOT)
+    if beside and not path[len(_BESIDE_PREFIX) :].startswith(".") and not _environment(path) and path not in _outside:
+        _outside.append(path)
+
+
+def _environment(path: str) -> bool:
+    """Whether ``path`` belongs to the Python environment or the temporary folder, wherever they are."""
+    places = {sys.prefix, sys.base_prefix, sys.exec_prefix, tempfile.gettempdir(), *sys.path}
+    return any(
+        place and place != str(ROOT.parent) and path.startswith(place.rstrip(os.sep) + os.sep) for place in places
+    )
 
 
 if ROOT.parent != ROOT.parent.parent:  # a clone at the file system's root has no "beside"

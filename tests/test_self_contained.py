@@ -44,9 +44,7 @@ def _path_of_file_expression(node: ast.expr, file: Path) -> Path | None:
             if not isinstance(index, int) or index >= len(path.parents):
                 return Path("/")  # climbs above the file system root: outside by any measure
             path = path.parents[index]
-        elif isinstance(step, ast.Attribute) and step.attr in ("parents", "resolve", "absolute"):
-            continue
-        elif isinstance(step, ast.Call):
+        elif isinstance(step, ast.Call) or (isinstance(step, ast.Attribute) and step.attr in ("parents", "resolve")):
             continue
         else:
             return None
@@ -64,9 +62,9 @@ def escapes(file: Path, text: str | None = None) -> list[str]:
             target = _path_of_file_expression(node, file)
             if target is not None and not target.is_relative_to(ROOT):
                 problems.append(f"line {node.lineno}: {ast.unparse(node)} is {target}")
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("../"):
-            if not (file.parent / node.value).resolve().is_relative_to(ROOT):
-                problems.append(f"line {node.lineno}: {node.value!r} leaves the repository from {file.parent}")
+        climbs = isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("../")
+        if climbs and not (file.parent / node.value).resolve().is_relative_to(ROOT):
+            problems.append(f"line {node.lineno}: {node.value!r} leaves the repository from {file.parent}")
     return problems
 
 
