@@ -68,7 +68,7 @@ def _torch_runner(workload: Workload, device: str, fp16: bool) -> Callable[[np.n
     import torch
 
     from model import create_model, default_preprocess
-    from service.preprocess import normalize
+    from stageformer.core.preprocess import normalize
 
     torch.manual_seed(0)
     model = create_model(workload.preset).eval().to(device)

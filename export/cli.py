@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from stageformer.core.formats import INPUT_FORMATS
+
 from .options import (
     DEFAULT_ATOL,
     DEFAULT_EXPORTER,
@@ -14,7 +16,6 @@ from .options import (
     DEFAULT_TRITON_MAX_BATCH_SIZE,
     DEFAULT_TRITON_QUEUE_DELAY_US,
     EXPORTERS,
-    INPUT_FORMATS,
     MIN_OPSET,
 )
 

@@ -45,8 +45,17 @@ import torch
 from torch import Tensor, nn
 
 from model import Checkpoint, CheckpointError, load_checkpoint
-from model.checkpoint import REQUIRED_KEYS
-from service.preprocess import PreprocessConfig, normalize
+from stageformer.core.formats import (
+    CHECKPOINT_REQUIRED_KEYS,
+    INPUT_FORMATS,
+    INPUT_NAME,
+    ONNX_FORMAT,
+    ONNX_FORMAT_VERSION,
+    OUTPUT_NAME,
+    VERSION_KEY,
+)
+from stageformer.core.naming import check_model_name
+from stageformer.core.preprocess import PreprocessConfig, normalize
 
 from . import parity as parity_lib
 from .options import (
@@ -59,14 +68,8 @@ from .options import (
     DEFAULT_TRITON_QUEUE_DELAY_US,
     EXPORTERS,
     EXTERNAL_DATA_THRESHOLD,
-    INPUT_FORMATS,
-    INPUT_NAME,
     MIN_OPSET,
-    ONNX_FORMAT,
-    ONNX_FORMAT_VERSION,
-    OUTPUT_NAME,
     PARITY_BATCH_SIZES,
-    check_model_name,
 )
 from .parity import ParityReport
 from .triton import TritonModel, check_triton_options, write_repository
@@ -117,7 +120,7 @@ class ExportWrapper(nn.Module):
     """The classifier with the ONNX file's input handling in front and a float32 cast behind.
 
     ``raw``: ``uint8 [B, H, W, 3]`` -> float32, ``(x - 255 * mean) * (1 / (255 * std))`` -> NCHW: the
-    arithmetic of ``service.preprocess.normalize``, constants computed the same way in float32.
+    arithmetic of ``stageformer.core.preprocess.normalize``, constants computed the same way in float32.
     ``normalized``: ``float32 [B, 3, H, W]`` as it comes. The model runs in ``dtype``; normalization
     always runs in float32.
     """
@@ -460,7 +463,7 @@ class _Steps:
 
 
 def _versions() -> dict[str, str]:
-    from stageformer import __version__
+    from stageformer.core import __version__
 
     return {
         "stageformer_version": __version__,
@@ -609,7 +612,7 @@ def export_onnx(
     parity_figures = report.to_dict()
     if cuda_report is not None:
         parity_figures["cuda"] = cuda_report.to_dict()
-    extra = {k: v for k, v in ckpt.metadata.items() if k not in (*REQUIRED_KEYS, "stageformer_version")}
+    extra = {k: v for k, v in ckpt.metadata.items() if k not in (*CHECKPOINT_REQUIRED_KEYS, VERSION_KEY)}
     metadata = {
         "format": ONNX_FORMAT,
         "format_version": str(ONNX_FORMAT_VERSION),

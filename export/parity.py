@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from service.preprocess import PreprocessConfig, normalize
+from stageformer.core.formats import INPUT_NAME
+from stageformer.core.preprocess import PreprocessConfig, normalize
 
-from .options import INPUT_NAME, PARITY_BATCH_SIZES, PARITY_SEED
+from .options import PARITY_BATCH_SIZES, PARITY_SEED
 
 # Each batch cycles through these kinds, so a batch of 1 holds a real-looking image and larger ones all kinds.
 KINDS = ("scene", "noise", "scene", "flat")

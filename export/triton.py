@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import INPUT_NAME, OUTPUT_NAME, check_model_name
+from stageformer.core.formats import INPUT_NAME, OUTPUT_NAME
+from stageformer.core.naming import check_model_name
 
 LABELS_FILE = "labels.txt"
 VERSION = "1"

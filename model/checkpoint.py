@@ -16,14 +16,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from service.preprocess import PreprocessConfig
+from stageformer.core import __version__
+from stageformer.core.formats import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_VERSION,
+    CHECKPOINT_REQUIRED_KEYS,
+    CONFIG_KEY,
+    FORMAT_KEY,
+    FORMAT_VERSION_KEY,
+    LABELS_KEY,
+    PREPROCESS_KEY,
+    VERSION_KEY,
+)
+from stageformer.core.preprocess import PreprocessConfig
 
 from .config import ConfigError, ModelConfig
 from .hierarchical import Classifier
-
-FORMAT = "stageformer.checkpoint"
-FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format", "format_version", "config", "preprocess", "labels")
 
 
 class CheckpointError(ValueError):
@@ -71,16 +79,14 @@ def save_checkpoint(
         raise CheckpointError(
             f"preprocess.image_size {preprocess.image_size} differs from the model's image_size {config.image_size}"
         )
-    from stageformer import __version__
-
     metadata = {
         **(dict(extra) if extra else {}),
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "config": config.to_json(),
-        "preprocess": preprocess.to_json(),
-        "labels": json.dumps(labels),
-        "stageformer_version": __version__,
+        FORMAT_KEY: CHECKPOINT_FORMAT,
+        FORMAT_VERSION_KEY: str(CHECKPOINT_FORMAT_VERSION),
+        CONFIG_KEY: config.to_json(),
+        PREPROCESS_KEY: preprocess.to_json(),
+        LABELS_KEY: json.dumps(labels),
+        VERSION_KEY: __version__,
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
@@ -118,16 +124,16 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a safetensors file ({exc}); give a stageformer checkpoint") from exc
-    if metadata.get("format") != FORMAT:
-        hint = "; convert timm weights with `stageformer import-timm`" if "format" not in metadata else ""
-        raise CheckpointError(f"{path} is not a stageformer checkpoint (format={metadata.get('format')!r}){hint}")
-    missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if metadata.get(FORMAT_KEY) != CHECKPOINT_FORMAT:
+        hint = "; convert timm weights with `stageformer import-timm`" if FORMAT_KEY not in metadata else ""
+        raise CheckpointError(f"{path} is not a stageformer checkpoint (format={metadata.get(FORMAT_KEY)!r}){hint}")
+    missing = [k for k in CHECKPOINT_REQUIRED_KEYS if k not in metadata]
     if missing:
         raise CheckpointError(f"{path} lacks metadata {', '.join(missing)}; re-save it with save_checkpoint")
-    if int(metadata["format_version"]) > FORMAT_VERSION:
+    if int(metadata[FORMAT_VERSION_KEY]) > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format_version {metadata['format_version']}, newer than this stageformer reads "
-            f"({FORMAT_VERSION}); upgrade stageformer"
+            f"{path} has format_version {metadata[FORMAT_VERSION_KEY]}, newer than this stageformer reads "
+            f"({CHECKPOINT_FORMAT_VERSION}); upgrade stageformer"
         )
     return metadata
 
@@ -137,9 +143,9 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     shape. The model is returned in eval mode on ``device``."""
     metadata = read_metadata(path)
     try:
-        config = ModelConfig.from_json(metadata["config"])
-        preprocess = PreprocessConfig.from_json(metadata["preprocess"])
-        labels = json.loads(metadata["labels"])
+        config = ModelConfig.from_json(metadata[CONFIG_KEY])
+        preprocess = PreprocessConfig.from_json(metadata[PREPROCESS_KEY])
+        labels = json.loads(metadata[LABELS_KEY])
     except (ConfigError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: invalid metadata: {exc}") from exc
     if not isinstance(labels, list) or len(labels) != config.num_classes:

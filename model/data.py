@@ -1,8 +1,8 @@
 """Training data: image-folder trees and the built-in ``digits`` set, as uint8 images and labels.
 
 Every sample leaves its data set as ``uint8 [H, W, 3]`` RGB pixels. Evaluation samples go through
-``service.preprocess.preprocess``, the very function the server runs; training samples go through a
-random augmentation instead. Both are turned into model input by ``service.preprocess.normalize`` in
+``stageformer.core.preprocess.preprocess``, the very function the server runs; training samples go through a
+random augmentation instead. Both are turned into model input by ``stageformer.core.preprocess.normalize`` in
 ``Collate``, so the value range and normalization seen in training are the served ones.
 
 Augmentation randomness comes from ``(seed, epoch, index)`` alone, not from worker processes or
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from service.preprocess import INTERPOLATIONS, PreprocessConfig, normalize, preprocess, stack, to_rgb
+from stageformer.core.preprocess import INTERPOLATIONS, PreprocessConfig, normalize, preprocess, stack, to_rgb
 
 log = logging.getLogger(__name__)
 

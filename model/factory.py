@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from service.preprocess import PreprocessConfig
+from stageformer.core.preprocess import PreprocessConfig
 
 from .config import ConfigError, ModelConfig, replace
 from .hierarchical import Classifier

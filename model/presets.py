@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from service.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from stageformer.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 from .config import HeadConfig, ModelConfig, StageConfig
 

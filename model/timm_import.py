@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from service.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from stageformer.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 from .checkpoint import CheckpointError, describe_mismatch, save_checkpoint
 from .config import ModelConfig

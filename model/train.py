@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from service.preprocess import PreprocessConfig
+from stageformer.core.preprocess import PreprocessConfig
 
 from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_metadata, save_checkpoint
 from .config import ModelConfig, replace

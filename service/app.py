@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
-from stageformer import __version__
+from stageformer.core import __version__
 
 from .deps import AppState
 from .errors import install_error_handlers

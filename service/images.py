@@ -18,7 +18,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .preprocess import PreprocessConfig, preprocess
+from stageformer.core.preprocess import PreprocessConfig, preprocess
 
 Image.init()  # register Pillow's format plugins now, not on the first request
 FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO") if f in Image.OPEN)

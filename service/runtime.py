@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,18 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .preprocess import PreprocessConfig
+from stageformer.core.formats import (
+    INPUT_FORMAT_KEY,
+    LABELS_KEY,
+    NAME_KEY,
+    NORMALIZED_INPUT,
+    PREPROCESS_KEY,
+    RAW_INPUT,
+)
+from stageformer.core.naming import is_model_name
+from stageformer.core.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class ModelLoadError(RuntimeError):
@@ -59,8 +65,8 @@ class ModelInfo:
 def read_model_info(path: Path, session: ort.InferenceSession, name: str | None = None) -> ModelInfo:
     meta = dict(session.get_modelmeta().custom_metadata_map)
     try:
-        preprocess = PreprocessConfig.from_json(meta["preprocess"])
-        labels = json.loads(meta["labels"])
+        preprocess = PreprocessConfig.from_json(meta[PREPROCESS_KEY])
+        labels = json.loads(meta[LABELS_KEY])
     except KeyError as exc:
         raise ModelLoadError(
             f"{path}: metadata {exc.args[0]!r} is missing; export the model with `stageformer export`"
@@ -70,10 +76,13 @@ def read_model_info(path: Path, session: ort.InferenceSession, name: str | None 
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or len(outputs) != 1:
         raise ModelLoadError(f"{path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
-    input_format = meta.get("input_format", "raw" if inputs[0].type == "tensor(uint8)" else "normalized")
-    model_name = name or meta.get("name") or path.stem
-    if not NAME_PATTERN.match(model_name):
-        raise ModelLoadError(f"{path}: model name {model_name!r} must match {NAME_PATTERN.pattern}")
+    input_format = meta.get(INPUT_FORMAT_KEY, RAW_INPUT if inputs[0].type == "tensor(uint8)" else NORMALIZED_INPUT)
+    model_name = name or meta.get(NAME_KEY) or path.stem
+    if not is_model_name(model_name):
+        raise ModelLoadError(
+            f"{path}: {model_name!r} cannot name a model (a URL segment): use at most 128 letters, digits, '_', '.' "
+            "and '-', not '.' or '-' first; rename the file or export it with --name"
+        )
     info = ModelInfo(
         model_name, path, tuple(str(x) for x in labels), preprocess, inputs[0].name, input_format, outputs[0].name, meta
     )

@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from stageformer import __version__
+from stageformer.core import __version__
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.images import prepare
-from service.preprocess import PreprocessConfig
+from stageformer.core.preprocess import PreprocessConfig
 
 MAX_PIXELS = 40_000_000  # the server's default limit
 

@@ -13,10 +13,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
+from stageformer.core.preprocess import normalize, stack
+
 from ..deps import Registry, State, admitted, in_decode_pool, lookup_model, require_api_key, run_inference
 from ..errors import APIError, error_responses
 from ..images import ImageError, prepare
-from ..preprocess import normalize, stack
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_api_key)])
 

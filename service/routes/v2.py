@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from stageformer import __version__
+from stageformer.core import __version__
 
 from ..deps import Registry, State, admitted, lookup_model, require_api_key, run_inference
 from ..errors import APIError, error_responses

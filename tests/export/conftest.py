@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import ModelConfig, StageConfig, create_model, default_preprocess, save_checkpoint
-from service.preprocess import PreprocessConfig
+from stageformer.core.preprocess import PreprocessConfig
 
 MakeCheckpoint = Callable[..., Path]
 

@@ -20,7 +20,7 @@ from export.parity import parity_batches
 from model import HeadConfig, ModelConfig, create_model, load_checkpoint, read_metadata, save_checkpoint
 from model.config import TOKEN_MIXERS
 from model.hierarchical import Classifier
-from service.preprocess import PreprocessConfig, normalize
+from stageformer.core.preprocess import PreprocessConfig, normalize
 
 from .conftest import SMALL_PREPROCESS, MakeCheckpoint, files_under, small_config
 
@@ -116,7 +116,7 @@ def test_raw_and_normalized_inputs_agree(make_checkpoint: MakeCheckpoint, tmp_pa
     pixels = parity_batches(32, [6], seed=7)[0].pixels
     (from_raw,) = _session(raw.output_path).run(None, {"image": pixels})
     (from_normalized,) = _session(normalized.output_path).run(None, {"image": normalize(pixels, SMALL_PREPROCESS)})
-    # the graph's own normalization is service.preprocess.normalize, to float rounding
+    # the graph's own normalization is stageformer.core.preprocess.normalize, to float rounding
     np.testing.assert_allclose(from_raw, from_normalized, atol=1e-5, rtol=0)
     np.testing.assert_allclose(from_raw, _torch_logits(checkpoint, pixels), atol=1e-4, rtol=0)
 

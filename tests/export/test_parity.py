@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from export.parity import KINDS, compare, make_image, parity_batches
-from service.preprocess import PreprocessConfig, normalize
+from stageformer.core.preprocess import PreprocessConfig, normalize
 
 
 def test_batches_are_seeded_mixed_and_uint8() -> None:

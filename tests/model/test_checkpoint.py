@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import CheckpointError, create_model, default_preprocess, load_checkpoint, read_metadata, save_checkpoint
-from service.preprocess import PreprocessConfig
+from stageformer.core.preprocess import PreprocessConfig
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from model.timm_import import (
     read_labels,
     timm_key,
 )
-from service.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from stageformer.cli import main
+from stageformer.core.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "timm-metaformer"
 FAMILIES = ["poolformer_v1", "poolformer_v2", "convformer", "caformer"]

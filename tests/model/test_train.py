@@ -43,7 +43,7 @@ from model.train import (
     run_training,
     state_path,
 )
-from service.preprocess import PreprocessConfig, normalize, preprocess, stack
+from stageformer.core.preprocess import PreprocessConfig, normalize, preprocess, stack
 from stageformer.train_args import add_arguments
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from model import get_preset, load_checkpoint
 from model.data import load_digits
-from service.preprocess import normalize, preprocess, stack
+from stageformer.core.preprocess import normalize, preprocess, stack
 
 DEMO = Path(__file__).resolve().parents[2] / "service" / "demo" / "digits.safetensors"
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from service.images import ImageError, prepare
-from service.preprocess import PreprocessConfig
+from stageformer.core.preprocess import PreprocessConfig
 
 from .conftest import png, serve
 

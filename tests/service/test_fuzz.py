@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.images import ImageError, prepare
-from service.preprocess import PreprocessConfig
+from stageformer.core.preprocess import PreprocessConfig
 
 from .harness import LiveServer, live_server
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from service.preprocess import PreprocessConfig, preprocess
+from stageformer.core.preprocess import PreprocessConfig, preprocess
 
 from .conftest import LABELS, png
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import PreprocessConfig, normalize, preprocess, stack
+from stageformer.core.preprocess import PreprocessConfig, normalize, preprocess, stack
 
 
 def test_short_side_resize_then_centre_crop() -> None:
@@ -77,7 +77,7 @@ def test_config_validation_and_json() -> None:
         PreprocessConfig.from_dict({"size": 3})
 
 
-def test_service_preprocessing_imports_no_torch() -> None:
-    code = "import sys, service, service.preprocess; print('torch' in sys.modules)"
+def test_preprocessing_and_the_server_import_no_torch() -> None:
+    code = "import sys, stageformer.core.preprocess, service; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
