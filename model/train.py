@@ -1,8 +1,9 @@
 """Training: from a preset, a JSON config or a checkpoint to ``last`` and ``best`` checkpoints.
 
-The recipe: AdamW (no weight decay on biases, norms, scales and 1-d parameters), a linear warmup then
-cosine decay set every step, label smoothing, gradient clipping, light augmentation (``model.data``),
-and autocast (bf16, or fp16 with a gradient scaler) on CUDA only.
+The recipe: AdamW (no weight decay on biases, norms, scales and other 1-d parameters, nor on position
+embeddings), a linear warmup then cosine decay set every step, label smoothing, gradient clipping, light
+augmentation (``model.data``), and autocast (bf16, or fp16 with a gradient scaler) on CUDA only. Its
+numbers, in general and per preset, are in ``stageformer.core.recipes``.
 
 Run under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) it trains with
 DistributedDataParallel: gloo on CPU, nccl on CUDA, a ``DistributedSampler`` for training, and a
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from stageformer.core.preprocess import PreprocessConfig
+from stageformer.core.recipes import DEFAULT_RECIPE, FINAL_LR_RATIO, RECIPES, Recipe
 
 from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_metadata, save_checkpoint
 from .config import ModelConfig, replace
@@ -61,7 +63,6 @@ METRIC_FIELDS = (
     "epoch_seconds",
     "images_per_second",
 )
-FINAL_LR_RATIO = 0.01  # the cosine decays to this fraction of the peak learning rate
 PLOT_EVERY_S = 60.0  # metrics.png is redrawn after an epoch at most this often (drawing takes ~0.5 s), and at the end
 
 
@@ -69,57 +70,10 @@ PLOT_EVERY_S = 60.0  # metrics.png is redrawn after an epoch at most this often 
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """Hyperparameters with a default per preset (``RECIPES``); any of them can be set in ``TrainOptions``."""
-
-    epochs: int = 30  # passes over the training set
-    batch_size: int = 64  # images per step and process
-    lr: float = 5e-4  # peak learning rate, reached after the warmup
-    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases, norms, scales)
-    warmup_epochs: float = 1.0  # linear warmup from ~0 to lr, then cosine decay to lr * FINAL_LR_RATIO
-    label_smoothing: float = 0.1  # cross-entropy label smoothing
-    clip_grad: float = 1.0  # clip the gradients' global norm to this; 0 turns clipping off
-    workers: int = min(8, max(1, (os.cpu_count() or 2) - 1))  # data loader worker processes per rank
-    threads: int = 0  # PyTorch CPU threads per process; 0 keeps PyTorch's own choice
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"train: {name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"train: lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "warmup_epochs", "clip_grad"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train: {name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"train: label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("workers", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train: {name} must be >= 0, got {getattr(self, name)}")
-
-
-DEFAULT_RECIPE = Recipe()
-# Per-preset defaults, used when that preset is trained (documented in `stageformer train --help`).
-RECIPES: dict[str, Recipe] = {
-    # The demo: >= 97% on the held-out digits in under 3 minutes on a 2-core CPU.
-    "digits": Recipe(
-        epochs=30,
-        batch_size=32,
-        lr=2e-3,
-        weight_decay=0.05,
-        warmup_epochs=2,
-        label_smoothing=0.1,
-        workers=1,
-        threads=1,
-    ),
-}
-
-
-@dataclass(frozen=True)
 class TrainOptions:
-    """One training run. Recipe fields left at ``None`` take the preset's recipe (``RECIPES``), or the
-    saved run's values when resuming, or ``DEFAULT_RECIPE``."""
+    """One training run. Recipe fields left at ``None`` take the saved run's values when resuming, else
+    the preset's recipe, else the general one (``RECIPES`` and ``DEFAULT_RECIPE`` of
+    ``stageformer.core.recipes``)."""
 
     data: str  # "digits", or a folder holding train/<class>/* and val/<class>/*
     out: Path  # output folder: checkpoints, training state, metrics.csv, metrics.png

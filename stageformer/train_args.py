@@ -1,13 +1,15 @@
 """Options of ``stageformer train``, declared without importing torch (the work is ``model.train.run``).
 
-The defaults named in the help texts are ``model.train.DEFAULT_RECIPE`` and ``model.train.RECIPES``;
-tests/model/test_train.py checks that the two agree.
+The defaults in the help texts of the recipe options are written from ``stageformer.core.recipes`` when
+the parser is built, so they follow any change to ``DEFAULT_RECIPE``, ``RECIPES`` or ``FINAL_LR_RATIO``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from stageformer.core import recipes
 
 DESCRIPTION = """\
 Train a model on an image-folder tree (DIR/train/<class>/*, DIR/val/<class>/*; the class names are the
@@ -18,6 +20,20 @@ best.safetensors (checkpoints with labels and preprocessing), last.state.safeten
 metrics.csv and metrics.png to --out. Several GPUs or nodes: torchrun --nproc_per_node N -m stageformer
 train ... (DistributedDataParallel; --batch-size is per process). Demo: stageformer train --preset
 digits --data digits --out runs/digits."""
+
+
+def _shown(value: float) -> str:
+    """A recipe value as the help writes it: 30, 0.0005, 1 (not 1.0)."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _defaults(name: str) -> str:
+    """``(default 30; digits: 30)``: the general recipe's value of the field ``name`` and each preset's,
+    as ``stageformer.core.recipes`` holds them when this is called."""
+    general = recipes.WORKERS_RULE if name == "workers" else _shown(getattr(recipes.DEFAULT_RECIPE, name))
+    parts = [f"default {general}"]
+    parts += [f"{preset}: {_shown(getattr(recipe, name))}" for preset, recipe in recipes.RECIPES.items()]
+    return "(" + "; ".join(parts).replace("%", "%%") + ")"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,32 +87,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         metavar="N",
-        help="data loader worker processes per process (default: min(8, CPUs - 1); 1 for --preset digits)",
+        help=f"data loader worker processes per process {_defaults('workers')}",
     )
 
     recipe = parser.add_argument_group("recipe (defaults: the preset's recipe where it has one, else the general one)")
-    recipe.add_argument("--epochs", type=int, metavar="N", help="passes over the training set (default 30; digits: 30)")
+    recipe.add_argument("--epochs", type=int, metavar="N", help=f"passes over the training set {_defaults('epochs')}")
     recipe.add_argument(
-        "--batch-size", type=int, metavar="N", help="images per step and process (default 64; digits: 32)"
+        "--batch-size", type=int, metavar="N", help=f"images per step and process {_defaults('batch_size')}"
     )
-    recipe.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 0.0005; digits: 0.002)")
+    recipe.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate {_defaults('lr')}")
     recipe.add_argument(
         "--weight-decay",
         type=float,
         metavar="WD",
-        help="AdamW weight decay, not applied to biases, norms and scales (default 0.05; digits: 0.05)",
+        help=f"AdamW weight decay, not applied to biases, norms and scales {_defaults('weight_decay')}",
     )
     recipe.add_argument(
         "--warmup-epochs",
         type=float,
         metavar="E",
-        help="linear warmup length in epochs, then cosine decay to 1%% of --lr (default 1; digits: 2)",
+        help=f"linear warmup length in epochs, then cosine decay to {100 * recipes.FINAL_LR_RATIO:g}%% of --lr "
+        f"{_defaults('warmup_epochs')}",
     )
     recipe.add_argument(
-        "--label-smoothing", type=float, metavar="S", help="cross-entropy label smoothing (default 0.1; digits: 0.1)"
+        "--label-smoothing",
+        type=float,
+        metavar="S",
+        help=f"cross-entropy label smoothing {_defaults('label_smoothing')}",
     )
     recipe.add_argument(
-        "--clip-grad", type=float, metavar="NORM", help="clip the gradient norm to this, 0 = off (default 1.0)"
+        "--clip-grad",
+        type=float,
+        metavar="NORM",
+        help=f"clip the gradient norm to this, 0 = off {_defaults('clip_grad')}",
     )
     recipe.add_argument(
         "--seed", type=int, default=0, help="seed of initialisation, data order, augmentation (default 0)"
@@ -119,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="PyTorch CPU threads per process, 0 = PyTorch's choice (default 0; digits: 1, which stays fast "
-        "when other programs share the CPU)",
+        help="PyTorch CPU threads per process, 0 = PyTorch's choice; a few stay fast when other programs share "
+        f"the CPU {_defaults('threads')}",
     )
     device.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

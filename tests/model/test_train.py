@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import itertools
 import os
@@ -31,10 +32,7 @@ from model.data import (
     scan_image_folder,
 )
 from model.train import (
-    DEFAULT_RECIPE,
-    RECIPES,
     Distributed,
-    Recipe,
     TrainOptions,
     build_loaders,
     learning_rate,
@@ -43,7 +41,9 @@ from model.train import (
     run_training,
     state_path,
 )
+from stageformer.core import recipes
 from stageformer.core.preprocess import PreprocessConfig, normalize, preprocess, stack
+from stageformer.core.recipes import Recipe
 from stageformer.train_args import add_arguments
 
 REPO = Path(__file__).resolve().parents[2]
@@ -393,20 +393,40 @@ def test_command_line_options_map_onto_train_options(tmp_path: Path) -> None:
         TrainOptions(data="digits", out=tmp_path)
 
 
-def test_help_names_the_real_defaults() -> None:
+def option_help() -> dict[str, str]:
+    """Each ``train`` option's help text by its destination, as ``--help`` prints it (one line, ``%``)."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    text = " ".join(parser.format_help().split())
-    digits = RECIPES["digits"]
-    assert f"default {DEFAULT_RECIPE.epochs}; digits: {digits.epochs})" in text
-    assert f"default {DEFAULT_RECIPE.batch_size}; digits: {digits.batch_size})" in text
-    assert f"default {DEFAULT_RECIPE.lr:g}; digits: {digits.lr:g})" in text
-    assert f"default {DEFAULT_RECIPE.weight_decay:g}; digits: {digits.weight_decay:g})" in text
-    assert f"default {DEFAULT_RECIPE.warmup_epochs:g}; digits: {digits.warmup_epochs:g})" in text
-    assert f"default {DEFAULT_RECIPE.label_smoothing:g}; digits: {digits.label_smoothing:g})" in text
-    assert f"{digits.workers} for --preset digits" in text
-    assert f"default 0; digits: {digits.threads}," in text
-    assert f"(default {DEFAULT_RECIPE.clip_grad})" in text
+    return {a.dest: " ".join((a.help or "").replace("%%", "%").split()) for a in parser._actions}
+
+
+def shown(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Recipe)])
+def test_each_recipe_option_names_the_default_and_every_presets_value(name: str) -> None:
+    text = option_help()[name]  # every recipe field is a command-line option
+    general = recipes.WORKERS_RULE if name == "workers" else shown(getattr(recipes.DEFAULT_RECIPE, name))
+    presets = "".join(f"; {preset}: {shown(getattr(r, name))}" for preset, r in recipes.RECIPES.items())
+    assert text.endswith(f"(default {general}{presets})"), text
+
+
+def test_the_help_follows_a_change_of_the_recipes(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = option_help()
+    digits = dataclasses.replace(recipes.RECIPES["digits"], epochs=417, lr=0.00123, warmup_epochs=2.5, threads=3)
+    monkeypatch.setitem(recipes.RECIPES, "digits", digits)
+    monkeypatch.setitem(recipes.RECIPES, "wide", Recipe(batch_size=96, workers=5))
+    monkeypatch.setattr(recipes, "DEFAULT_RECIPE", dataclasses.replace(recipes.DEFAULT_RECIPE, clip_grad=2.5))
+    monkeypatch.setattr(recipes, "FINAL_LR_RATIO", 0.05)
+    after = option_help()
+    assert "digits: 417;" in after["epochs"] and "digits: 417" not in before["epochs"]
+    assert "digits: 0.00123;" in after["lr"]
+    assert "digits: 2.5;" in after["warmup_epochs"] and "cosine decay to 5% of --lr" in after["warmup_epochs"]
+    assert "digits: 3;" in after["threads"]
+    assert after["batch_size"].endswith("; wide: 96)") and after["workers"].endswith("; wide: 5)")
+    assert "(default 2.5;" in after["clip_grad"] and "(default 2.5;" not in before["clip_grad"]
+    assert after["seed"] == before["seed"]  # not a recipe field
 
 
 def test_train_arguments_import_without_torch() -> None:
