@@ -264,7 +264,8 @@ def save_train_state(
 def load_train_state(
     path: Path, optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None
 ) -> TrainState:
-    """Read a state file; with ``optimizer``/``scaler`` given, restore theirs and the torch RNG too."""
+    """Read a state file. With ``optimizer`` given, restore its state and the torch RNG too; with
+    ``scaler`` given (and enabled), restore its state."""
     if not path.is_file():
         raise FileNotFoundError(f"training state {path} does not exist; --resume needs the last.safetensors of a run")
     try:
@@ -495,199 +496,64 @@ def _shortened(exc: DataError) -> DataError:
     return DataError(text.strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: "))
 
 
+# --- one run, step by step ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the steps of one run share. ``_start_run`` builds it; each epoch advances ``state``, appends
+    to the metric rows and sets ``val_accuracy``."""
+
+    options: TrainOptions
+    dist_info: Distributed
+    device: torch.device
+    preprocess: PreprocessConfig
+    splits: DataSplits
+    recipe: Recipe
+    model: Classifier
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler | None  # fp16 autocast only
+    autocast: Any  # a context manager factory: torch.autocast, or nullcontext without mixed precision
+    sampler: EpochSampler
+    train_loader: DataLoader[Any]
+    val_loader: DataLoader[Any]
+    criterion: nn.CrossEntropyLoss
+    state: TrainState
+    net: nn.Module  # what the steps run: the model, or its DistributedDataParallel wrapper
+    history: list[dict[str, float]] = field(default_factory=list)  # rank 0: every epoch's row, for metrics.csv
+    this_run: list[dict[str, float]] = field(default_factory=list)  # rows of the epochs trained by this call
+    val_accuracy: float = -1.0  # of the latest epoch (before any: the best so far)
+    plotted: float = -math.inf  # time.perf_counter() when metrics.png was last drawn
+
+    @property
+    def main(self) -> bool:
+        return self.dist_info.is_main
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def total_steps(self) -> int:
+        return self.recipe.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.recipe.warmup_epochs * self.steps_per_epoch)
+
+
 def run_training(options: TrainOptions) -> TrainResult:
     """Train as ``options`` say; see the module docstring for what is written where."""
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
-    device_kind = (
-        "cuda"
-        if options.device.startswith("cuda") or (options.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
-    dist_info = setup_distributed(device_kind)
+    dist_info = setup_distributed(_device_kind(options.device))
     previous_threads = torch.get_num_threads()
     try:
-        device = resolve_device(options.device, dist_info.local_rank)
-        main = dist_info.is_main
-        if main:
-            _check_out_dir(options)
-        config, preprocess = _model_source(options)
-        splits = load_data(options.data, preprocess, options.verify_images, show_progress=options.progress and main)
-        num_classes = len(splits.labels)
-
-        saved: TrainState | None = None
-        if options.resume is not None:
-            checkpoint = load_checkpoint(options.resume)
-            if checkpoint.labels != splits.labels:
-                raise ValueError(
-                    f"train: {options.resume} was trained on classes {checkpoint.labels}, but {options.data} has "
-                    f"{splits.labels}; resume with the same data, or fine-tune with --init"
-                )
-            model = checkpoint.model
-            saved = load_train_state(state_path(options.resume))
-            if str(saved.epoch) != checkpoint.metadata.get("epoch"):
-                raise CheckpointError(
-                    f"{options.resume} (epoch {checkpoint.metadata.get('epoch')}) and its training state "
-                    f"(epoch {saved.epoch}) disagree; the run was interrupted while saving"
-                )
-        else:
-            torch.manual_seed(options.seed)
-            model = Classifier(replace(config, num_classes=num_classes))
-            if options.init is not None:
-                load_init_weights(model, options.init)
-        recipe = resolve_recipe(options, saved.recipe if saved else None)
-        if recipe.threads:
-            torch.set_num_threads(recipe.threads)
-        model.to(device)
-
-        sampler, train_loader, val_loader = build_loaders(
-            splits, preprocess, recipe, options.seed, dist_info, pin=device.type == "cuda"
-        )
-        autocast, scaler = _autocast(device, options.amp)
-        optimizer = build_optimizer(model, recipe)
-        state = TrainState(recipe=dataclasses.asdict(recipe), data=splits.name)
-        if options.resume is not None:
-            resumed = load_train_state(state_path(options.resume), optimizer, scaler)
-            state = dataclasses.replace(resumed, recipe=dataclasses.asdict(recipe))
-            if main:
-                log.info("resuming %s after epoch %d (step %d)", options.resume, state.epoch, state.step)
-        net: nn.Module = model
-        if dist_info.enabled:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-
-        steps_per_epoch = len(train_loader)
-        total_steps = recipe.epochs * steps_per_epoch
-        warmup_steps = round(recipe.warmup_epochs * steps_per_epoch)
-        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        out = options.out
-        metrics_path = out / "metrics.csv"
-        history: list[dict[str, float]] = []
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            previous = read_metrics(metrics_path) if options.resume is not None else []
-            history = [r for r in previous if r["epoch"] <= state.epoch]
-            params = sum(p.numel() for p in model.parameters())
-            log.info(
-                "training %s (%s parameters, %dx%d input) on %s: %d classes, %d train / %d val images, "
-                "%d epochs x %d steps, batch %d x %d process(es), lr %g, device %s",
-                options.preset or options.config or options.init or options.resume, f"{params:,}",
-                config.image_size, config.image_size, splits.name, num_classes, len(splits.train), len(splits.val),
-                recipe.epochs, steps_per_epoch, recipe.batch_size, dist_info.world_size, recipe.lr, device,
-            )  # fmt: skip
-        if state.epoch >= recipe.epochs and main:
-            log.warning("the run already has %d of %d epochs; nothing to train", state.epoch, recipe.epochs)
-
-        this_run: list[dict[str, float]] = []
-        val_accuracy = state.best_accuracy
-        plotted = -math.inf
-        for epoch in range(state.epoch, recipe.epochs):
-            epoch_start = time.perf_counter()
-            sampler.set_epoch(epoch)
-            net.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            bar = tqdm(
-                train_loader,
-                desc=f"epoch {epoch + 1}/{recipe.epochs}",
-                unit="batch",
-                leave=False,
-                dynamic_ncols=True,
-                disable=not (options.progress and main),
-            )
-            lr = recipe.lr
-            show = options.progress and main
-            for index, (images, labels) in enumerate(bar):
-                lr = learning_rate(state.step, total_steps, warmup_steps, recipe.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with autocast():
-                    logits = net(images)
-                    loss = criterion(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if recipe.clip_grad > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                state.step += 1
-                n = labels.numel()
-                seen += n
-                loss_sum += loss.detach().double() * n
-                correct += (logits.detach().argmax(dim=1) == labels).sum()
-                if show and (index % 10 == 0 or index + 1 == steps_per_epoch):  # .item() waits for the GPU
-                    rate = seen * dist_info.world_size / max(time.perf_counter() - epoch_start, 1e-9)
-                    bar.set_postfix(
-                        loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.1%}", img_s=f"{rate:.0f}"
-                    )
-            bar.close()
-            train_seconds = time.perf_counter() - epoch_start
-            train_loss, train_correct, train_seen = _all_reduce(
-                [loss_sum.item(), float(correct.item()), float(seen)], dist_info, device
-            )
-            val_loss, val_accuracy = evaluate(model, val_loader, device, autocast, dist_info)
-            state.epoch = epoch + 1
-            row = {
-                "epoch": float(state.epoch),
-                "step": float(state.step),
-                "lr": lr,
-                "train_loss": train_loss / max(train_seen, 1),
-                "train_accuracy": train_correct / max(train_seen, 1),
-                "val_loss": val_loss,
-                "val_accuracy": val_accuracy,
-                "epoch_seconds": time.perf_counter() - epoch_start,
-                "images_per_second": train_seen / max(train_seconds, 1e-9),
-            }
-            this_run.append(row)
-            improved = val_accuracy > state.best_accuracy
-            if improved:
-                state.best_accuracy, state.best_epoch = val_accuracy, state.epoch
-            if main:
-                history.append(row)
-                _save_epoch(model, optimizer, scaler, state, preprocess, splits, out, val_accuracy, improved)
-                write_metrics(metrics_path, history)
-                if state.epoch == recipe.epochs or time.perf_counter() - plotted > PLOT_EVERY_S:
-                    plot_metrics(out / "metrics.png", history)
-                    plotted = time.perf_counter()
-                log.info(
-                    "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  best %.2f%% (epoch %d)  "
-                    "%.1f s, %.0f img/s",
-                    state.epoch, recipe.epochs, row["train_loss"], 100 * row["train_accuracy"], val_loss,
-                    100 * val_accuracy, 100 * state.best_accuracy, state.best_epoch, row["epoch_seconds"],
-                    row["images_per_second"],
-                )  # fmt: skip
+        run = _start_run(options, dist_info)
+        for epoch in range(run.state.epoch, run.recipe.epochs):
+            row = _run_epoch(run, epoch)
             if options.on_epoch_end is not None:
                 options.on_epoch_end(row)
-        if dist_info.enabled:
-            dist.barrier()
-        seconds = time.perf_counter() - started
-        if main:
-            log.info(
-                "done in %.1f s: best validation accuracy %.2f%% at epoch %d; checkpoints in %s",
-                seconds, 100 * state.best_accuracy, state.best_epoch, out,
-            )  # fmt: skip
-        return TrainResult(
-            out=out,
-            epochs=state.epoch,
-            best_accuracy=state.best_accuracy,
-            best_epoch=state.best_epoch,
-            final_accuracy=val_accuracy,
-            last_checkpoint=out / "last.safetensors",
-            best_checkpoint=out / "best.safetensors",
-            metrics=this_run,
-            seconds=seconds,
-        )
+        return _finish(run, started)
     except DataError as exc:
         raise _shortened(exc) from exc.__cause__
     finally:
@@ -696,26 +562,275 @@ def run_training(options: TrainOptions) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _save_epoch(
-    model: Classifier,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    state: TrainState,
+def _device_kind(device: str) -> str:
+    """ "cuda" or "cpu": what ``--device`` will resolve to, known before the process group (whose backend
+    depends on it) is joined."""
+    return "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def _start_run(options: TrainOptions, dist_info: Distributed) -> _Run:
+    """Everything before the first epoch: device, model, recipe, data, optimizer, the resumed state, DDP,
+    and on rank 0 the output folder and a log line describing the run."""
+    device = resolve_device(options.device, dist_info.local_rank)
+    if dist_info.is_main:
+        _check_out_dir(options)
+    config, preprocess = _model_source(options)
+    splits = load_data(
+        options.data, preprocess, options.verify_images, show_progress=options.progress and dist_info.is_main
+    )
+    model, saved = _initial_model(options, config, splits)
+    recipe = resolve_recipe(options, saved.recipe if saved is not None else None)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    model.to(device)
+    run = _build_run(options, dist_info, device, preprocess, splits, recipe, model)
+    if options.resume is not None:
+        _restore(run, options.resume)
+    if dist_info.enabled:
+        run.net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if run.main:
+        _open_output(run)
+    return run
+
+
+def _initial_model(
+    options: TrainOptions, config: ModelConfig, splits: DataSplits
+) -> tuple[Classifier, TrainState | None]:
+    """The model before training, and the saved training state when resuming. Resumed: the checkpoint's
+    model, after checking that the data has its classes and that checkpoint and state are of the same
+    epoch. New: built from ``config`` with a head for the data's classes after seeding torch, then
+    loaded with the ``--init`` weights if given."""
+    if options.resume is None:
+        torch.manual_seed(options.seed)
+        model = Classifier(replace(config, num_classes=len(splits.labels)))
+        if options.init is not None:
+            load_init_weights(model, options.init)
+        return model, None
+    checkpoint = load_checkpoint(options.resume)
+    if checkpoint.labels != splits.labels:
+        raise ValueError(
+            f"train: {options.resume} was trained on classes {checkpoint.labels}, but {options.data} has "
+            f"{splits.labels}; resume with the same data, or fine-tune with --init"
+        )
+    saved = load_train_state(state_path(options.resume))
+    if str(saved.epoch) != checkpoint.metadata.get("epoch"):
+        raise CheckpointError(
+            f"{options.resume} (epoch {checkpoint.metadata.get('epoch')}) and its training state "
+            f"(epoch {saved.epoch}) disagree; the run was interrupted while saving"
+        )
+    return checkpoint.model, saved
+
+
+def _build_run(
+    options: TrainOptions,
+    dist_info: Distributed,
+    device: torch.device,
     preprocess: PreprocessConfig,
     splits: DataSplits,
-    out: Path,
-    val_accuracy: float,
-    improved: bool,
-) -> None:
-    extra = {
-        "epoch": str(state.epoch),
-        "val_accuracy": f"{val_accuracy:.6f}",
-        "train_data": splits.name,
+    recipe: Recipe,
+    model: Classifier,
+) -> _Run:
+    """Data loaders, autocast, optimizer, loss and a fresh training state around ``model``."""
+    sampler, train_loader, val_loader = build_loaders(
+        splits, preprocess, recipe, options.seed, dist_info, pin=device.type == "cuda"
+    )
+    autocast, scaler = _autocast(device, options.amp)
+    return _Run(
+        options=options,
+        dist_info=dist_info,
+        device=device,
+        preprocess=preprocess,
+        splits=splits,
+        recipe=recipe,
+        model=model,
+        optimizer=build_optimizer(model, recipe),
+        scaler=scaler,
+        autocast=autocast,
+        sampler=sampler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+        state=TrainState(recipe=dataclasses.asdict(recipe), data=splits.name),
+        net=model,
+    )
+
+
+def _restore(run: _Run, checkpoint: Path) -> None:
+    """Continue where the run of ``checkpoint`` stopped: its optimizer, scaler and RNG state, step, epoch
+    and best accuracy. The recipe recorded from now on is this run's (explicit options may change it)."""
+    resumed = load_train_state(state_path(checkpoint), run.optimizer, run.scaler)
+    run.state = dataclasses.replace(resumed, recipe=dataclasses.asdict(run.recipe))
+    run.val_accuracy = run.state.best_accuracy
+    if run.main:
+        log.info("resuming %s after epoch %d (step %d)", checkpoint, run.state.epoch, run.state.step)
+
+
+def _open_output(run: _Run) -> None:
+    """Rank 0: create the output folder, take over the metrics of the epochs already done (when resuming),
+    and log what is about to be trained."""
+    options, recipe, splits = run.options, run.recipe, run.splits
+    options.out.mkdir(parents=True, exist_ok=True)
+    previous = read_metrics(options.out / "metrics.csv") if options.resume is not None else []
+    run.history = [r for r in previous if r["epoch"] <= run.state.epoch]
+    params = sum(p.numel() for p in run.model.parameters())
+    size = run.model.config.image_size
+    log.info(
+        "training %s (%s parameters, %dx%d input) on %s: %d classes, %d train / %d val images, "
+        "%d epochs x %d steps, batch %d x %d process(es), lr %g, device %s",
+        options.preset or options.config or options.init or options.resume, f"{params:,}", size, size,
+        splits.name, len(splits.labels), len(splits.train), len(splits.val), recipe.epochs, run.steps_per_epoch,
+        recipe.batch_size, run.dist_info.world_size, recipe.lr, run.device,
+    )  # fmt: skip
+    if run.state.epoch >= recipe.epochs:
+        log.warning("the run already has %d of %d epochs; nothing to train", run.state.epoch, recipe.epochs)
+
+
+def _run_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """Train epoch ``epoch`` (counted from 0), evaluate, keep the best accuracy and, on rank 0, save the
+    epoch's files. Returns the epoch's metrics row."""
+    started = time.perf_counter()
+    trained = _train_epoch(run, epoch, started)
+    val_loss, run.val_accuracy = evaluate(run.model, run.val_loader, run.device, run.autocast, run.dist_info)
+    run.state.epoch = epoch + 1
+    row = {
+        "epoch": float(run.state.epoch),
+        "step": float(run.state.step),
+        "lr": trained["lr"],
+        "train_loss": trained["train_loss"],
+        "train_accuracy": trained["train_accuracy"],
+        "val_loss": val_loss,
+        "val_accuracy": run.val_accuracy,
+        "epoch_seconds": time.perf_counter() - started,
+        "images_per_second": trained["images_per_second"],
     }
-    last = save_checkpoint(model, out / "last.safetensors", preprocess, splits.labels, extra=extra)
-    save_train_state(state_path(last), state, optimizer, scaler)
+    run.this_run.append(row)
+    improved = run.val_accuracy > run.state.best_accuracy
     if improved:
-        save_checkpoint(model, out / "best.safetensors", preprocess, splits.labels, extra=extra)
+        run.state.best_accuracy, run.state.best_epoch = run.val_accuracy, run.state.epoch
+    if run.main:
+        _save_epoch(run, row, improved)
+    return row
+
+
+def _train_epoch(run: _Run, epoch: int, started: float) -> dict[str, float]:
+    """One pass over this rank's share of the training set, with a progress bar on rank 0. Returns the
+    last step's learning rate, the mean loss and accuracy over all ranks and their images per second."""
+    from tqdm.auto import tqdm
+
+    run.sampler.set_epoch(epoch)
+    run.net.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
+    seen = 0
+    show = run.options.progress and run.main
+    bar = tqdm(
+        run.train_loader,
+        desc=f"epoch {epoch + 1}/{run.recipe.epochs}",
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not show,
+    )
+    lr = run.recipe.lr
+    for index, (images, labels) in enumerate(bar):
+        lr = learning_rate(run.state.step, run.total_steps, run.warmup_steps, run.recipe.lr)
+        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        loss, logits = _step(run, images, labels, lr)
+        n = labels.numel()
+        seen += n
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        if show and (index % 10 == 0 or index + 1 == run.steps_per_epoch):  # .item() waits for the GPU
+            rate = seen * run.dist_info.world_size / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.1%}", img_s=f"{rate:.0f}"
+            )
+    bar.close()
+    seconds = time.perf_counter() - started
+    total_loss, total_correct, total_seen = _all_reduce(
+        [loss_sum.item(), float(correct.item()), float(seen)], run.dist_info, run.device
+    )
+    return {
+        "lr": lr,
+        "train_loss": total_loss / max(total_seen, 1),
+        "train_accuracy": total_correct / max(total_seen, 1),
+        "images_per_second": total_seen / max(seconds, 1e-9),
+    }
+
+
+def _step(run: _Run, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step at learning rate ``lr``: forward under autocast, backward (scaled for fp16),
+    gradient clipping, update. Returns the batch's loss and logits."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with run.autocast():
+        logits = run.net(images)
+        loss = run.criterion(logits.float(), labels)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        loss.backward()
+    if run.recipe.clip_grad > 0:
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.recipe.clip_grad)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.state.step += 1
+    return loss, logits
+
+
+def _save_epoch(run: _Run, row: dict[str, float], improved: bool) -> None:
+    """Rank 0, after an epoch: ``last`` checkpoint and training state, ``best`` when the accuracy
+    improved, metrics.csv, metrics.png (at most every ``PLOT_EVERY_S`` and after the last epoch), and a
+    log line."""
+    out, state, splits = run.options.out, run.state, run.splits
+    run.history.append(row)
+    extra = {"epoch": str(state.epoch), "val_accuracy": f"{run.val_accuracy:.6f}", "train_data": splits.name}
+    last = save_checkpoint(run.model, out / "last.safetensors", run.preprocess, splits.labels, extra=extra)
+    save_train_state(state_path(last), state, run.optimizer, run.scaler)
+    if improved:
+        save_checkpoint(run.model, out / "best.safetensors", run.preprocess, splits.labels, extra=extra)
+    write_metrics(out / "metrics.csv", run.history)
+    if state.epoch == run.recipe.epochs or time.perf_counter() - run.plotted > PLOT_EVERY_S:
+        plot_metrics(out / "metrics.png", run.history)
+        run.plotted = time.perf_counter()
+    log.info(
+        "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  best %.2f%% (epoch %d)  "
+        "%.1f s, %.0f img/s",
+        state.epoch, run.recipe.epochs, row["train_loss"], 100 * row["train_accuracy"], row["val_loss"],
+        100 * row["val_accuracy"], 100 * state.best_accuracy, state.best_epoch, row["epoch_seconds"],
+        row["images_per_second"],
+    )  # fmt: skip
+
+
+def _finish(run: _Run, started: float) -> TrainResult:
+    """Wait for every rank, log the outcome on rank 0, and describe what the run produced."""
+    if run.dist_info.enabled:
+        dist.barrier()
+    seconds = time.perf_counter() - started
+    out, state = run.options.out, run.state
+    if run.main:
+        log.info(
+            "done in %.1f s: best validation accuracy %.2f%% at epoch %d; checkpoints in %s",
+            seconds, 100 * state.best_accuracy, state.best_epoch, out,
+        )  # fmt: skip
+    return TrainResult(
+        out=out,
+        epochs=state.epoch,
+        best_accuracy=state.best_accuracy,
+        best_epoch=state.best_epoch,
+        final_accuracy=run.val_accuracy,
+        last_checkpoint=out / "last.safetensors",
+        best_checkpoint=out / "best.safetensors",
+        metrics=run.this_run,
+        seconds=seconds,
+    )
 
 
 # --- command line -----------------------------------------------------------------------------------------
