@@ -3,8 +3,11 @@
 A config is a value: building a model twice from the same config (and the same seed) gives the same
 model, and a config survives a JSON round trip unchanged. Every field is checked in
 ``__post_init__``; an error says which field is wrong and how to fix it. Names of pluggable parts
-(token mixers, feedforwards, norms, activations) are plain strings here; they are resolved to classes
-in one lookup table each, in ``model.layers`` and ``model.mixers``.
+(token mixers, feedforwards, norms, activations, position encodings) are plain strings here; each kind
+is resolved in one lookup table from name to class or factory: ``model.mixers.TOKEN_MIXER_LAYERS`` and
+``model.layers.FEEDFORWARD_LAYERS``, ``NORM_LAYERS``, ``ACTIVATION_LAYERS`` and
+``POSITION_ENCODING_LAYERS``. The residual norm style and the head kind are branches in
+``model.hierarchical``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-# Names accepted in configs. Lookup tables of the same keys live next to the classes they name.
+# Names accepted in configs. The lookup tables named in the module docstring have the same keys
+# (tests/model/test_layers.py checks).
 TOKEN_MIXERS = ("scaled_dot_product", "pooling", "visual", "sepconv", "identity")
 FEEDFORWARDS = ("mlp", "conv2d")
 NORMS = ("layernorm", "layernorm_nobias", "groupnorm", "groupnorm_nobias", "skip")

@@ -51,15 +51,22 @@ class GroupNorm1(nn.Module):
         return torch.addcmul(self.bias, x, self.weight) if self.bias is not None else x * self.weight
 
 
+# Config name (model.config.NORMS) -> the norm, built from (dim, eps).
+NORM_LAYERS: dict[str, Callable[[int, float], nn.Module]] = {
+    "layernorm": lambda dim, eps: nn.LayerNorm(dim, eps=eps),
+    "layernorm_nobias": lambda dim, eps: nn.LayerNorm(dim, eps=eps, bias=False),
+    "groupnorm": lambda dim, eps: GroupNorm1(dim, eps=eps),
+    "groupnorm_nobias": lambda dim, eps: GroupNorm1(dim, eps=eps, bias=False),
+    "skip": lambda dim, eps: nn.Identity(),
+}
+
+
 def build_norm(name: str, dim: int, eps: float) -> nn.Module:
-    """A norm over the channels of (B, N, C) tokens (GroupNorm1 over tokens and channels)."""
-    if name == "skip":
-        return nn.Identity()
-    if name in ("layernorm", "layernorm_nobias"):
-        return nn.LayerNorm(dim, eps=eps, bias=name == "layernorm")
-    if name in ("groupnorm", "groupnorm_nobias"):
-        return GroupNorm1(dim, eps=eps, bias=name == "groupnorm")
-    raise ValueError(f"unknown norm {name!r}")  # configs are validated before this point
+    """A norm over the channels of (B, N, C) tokens (GroupNorm1 over tokens and channels); ``skip``
+    is no norm."""
+    if name not in NORM_LAYERS:
+        raise ValueError(f"unknown norm {name!r}")  # configs are validated before this point
+    return NORM_LAYERS[name](dim, eps)
 
 
 # --- activations --------------------------------------------------------------------------------
@@ -84,6 +91,7 @@ class StarReLU(nn.Module):
         return self.scale * torch.square(F.relu(x)) + self.bias
 
 
+# Config name (model.config.ACTIVATIONS) -> the activation's class.
 ACTIVATION_LAYERS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
     "relu": nn.ReLU,
@@ -157,12 +165,19 @@ class SinePositionEncoding(nn.Module):
         return x + self.table.to(x.dtype)
 
 
+# Config name (model.config.POSITION_ENCODINGS) -> the encoding, built from (seq_len, dim).
+POSITION_ENCODING_LAYERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "none": lambda seq_len, dim: nn.Identity(),
+    "learnable": LearnablePositionEncoding,
+    "sine": SinePositionEncoding,
+}
+
+
 def build_position_encoding(name: str, seq_len: int, dim: int) -> nn.Module:
-    if name == "learnable":
-        return LearnablePositionEncoding(seq_len, dim)
-    if name == "sine":
-        return SinePositionEncoding(seq_len, dim)
-    return nn.Identity()
+    """The position encoding a config names, for ``seq_len`` tokens of width ``dim``."""
+    if name not in POSITION_ENCODING_LAYERS:
+        raise ValueError(f"unknown position encoding {name!r}")  # configs are validated before this point
+    return POSITION_ENCODING_LAYERS[name](seq_len, dim)
 
 
 # --- patch embedding ----------------------------------------------------------------------------
@@ -228,6 +243,7 @@ class Conv2dFeedforward(nn.Module):
         return grid_to_tokens(y)
 
 
+# Config name (model.config.FEEDFORWARDS) -> the feedforward's class.
 FEEDFORWARD_LAYERS: dict[str, type[Mlp] | type[Conv2dFeedforward]] = {
     "mlp": Mlp,
     "conv2d": Conv2dFeedforward,

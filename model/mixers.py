@@ -1,11 +1,14 @@
 """Token mixers: the part of a block that lets tokens exchange information.
 
-Each mixer takes (B, N, C) tokens on a grid ``hw`` and returns tokens of the same shape. The names
-in ``TOKEN_MIXER_LAYERS`` are the ones configs use; xformers' other attention names are known here
-only so that they get a clear "not supported" error.
+Each mixer takes (B, N, C) tokens on a grid ``hw`` and returns tokens of the same shape.
+``TOKEN_MIXER_LAYERS`` maps the names configs use (``model.config.TOKEN_MIXERS``) to the mixers; the
+xformers attention names that have no mixer here are listed in ``model.xformers_compat``, so that they
+get a clear "not supported" error.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,17 +118,18 @@ class IdentityMixer(nn.Module):
         return x
 
 
+# Config name (model.config.TOKEN_MIXERS) -> the mixer, built from the stage's settings.
+TOKEN_MIXER_LAYERS: dict[str, Callable[[StageConfig], nn.Module]] = {
+    "scaled_dot_product": lambda s: Attention(s.dim, s.heads, s.head_dim, s.attn_bias, s.rotary, s.dropout),
+    "pooling": lambda s: Pooling(s.pool_size),
+    "visual": lambda s: Visual(s.dim),
+    "sepconv": lambda s: SepConv(s.dim, s.expansion_ratio, s.kernel_size, s.activation),
+    "identity": lambda s: IdentityMixer(),
+}
+
+
 def build_mixer(stage: StageConfig) -> nn.Module:
     """The token mixer a stage config names."""
-    name = stage.mixer
-    if name == "scaled_dot_product":
-        return Attention(stage.dim, stage.heads, stage.head_dim, stage.attn_bias, stage.rotary, stage.dropout)
-    if name == "pooling":
-        return Pooling(stage.pool_size)
-    if name == "visual":
-        return Visual(stage.dim)
-    if name == "sepconv":
-        return SepConv(stage.dim, stage.expansion_ratio, stage.kernel_size, stage.activation)
-    if name == "identity":
-        return IdentityMixer()
-    raise ValueError(f"unknown token mixer {name!r}")  # configs are validated before this point
+    if stage.mixer not in TOKEN_MIXER_LAYERS:
+        raise ValueError(f"unknown token mixer {stage.mixer!r}")  # configs are validated before this point
+    return TOKEN_MIXER_LAYERS[stage.mixer](stage)

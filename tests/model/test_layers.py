@@ -7,10 +7,46 @@ import torch
 from torch import nn
 
 from model import ModelConfig, StageConfig, create_model
+from model import config as names
 from model.config import TOKEN_MIXERS
 from model.hierarchical import Block
-from model.layers import DropPath, GroupNorm1, SinePositionEncoding, StarReLU, grid_to_tokens, tokens_to_grid
-from model.mixers import Attention, Pooling, RotaryEmbedding, build_mixer
+from model.layers import (
+    ACTIVATION_LAYERS,
+    FEEDFORWARD_LAYERS,
+    NORM_LAYERS,
+    POSITION_ENCODING_LAYERS,
+    DropPath,
+    GroupNorm1,
+    SinePositionEncoding,
+    StarReLU,
+    build_norm,
+    grid_to_tokens,
+    tokens_to_grid,
+)
+from model.mixers import TOKEN_MIXER_LAYERS, Attention, Pooling, RotaryEmbedding, build_mixer
+
+
+@pytest.mark.parametrize(
+    ("table", "accepted"),
+    [
+        (TOKEN_MIXER_LAYERS, names.TOKEN_MIXERS),
+        (FEEDFORWARD_LAYERS, names.FEEDFORWARDS),
+        (NORM_LAYERS, names.NORMS),
+        (ACTIVATION_LAYERS, names.ACTIVATIONS),
+        (POSITION_ENCODING_LAYERS, names.POSITION_ENCODINGS),
+    ],
+)
+def test_every_name_a_config_accepts_has_exactly_one_layer(table: dict, accepted: tuple[str, ...]) -> None:
+    assert sorted(table) == sorted(accepted)
+
+
+@pytest.mark.parametrize("name", names.NORMS)
+def test_norms_keep_the_token_shape_and_have_biases_unless_named_nobias(name: str) -> None:
+    norm = build_norm(name, 16, 1e-6)
+    x = torch.randn(2, 12, 16)
+    assert norm(x).shape == x.shape
+    biases = [p for n, p in norm.named_parameters() if n == "bias"]
+    assert bool(biases) == (name in ("layernorm", "groupnorm"))
 
 
 def test_grid_and_tokens_round_trip() -> None:
