@@ -42,7 +42,8 @@ def resolve_config(name_or_config: ConfigLike) -> ModelConfig:
 
 
 def default_preprocess(name_or_config: ConfigLike) -> PreprocessConfig:
-    """The preset's preprocessing, or ImageNet statistics at the config's image size."""
+    """The preset's preprocessing, or ImageNet statistics at the config's image size with a 0.875 centre
+    crop (no crop below 64 pixels)."""
     if isinstance(name_or_config, str):
         try:
             return get_preset(name_or_config).preprocess

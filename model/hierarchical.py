@@ -1,9 +1,11 @@
 """The hierarchical model, bottom up: block -> stage -> trunk -> classifier.
 
-A stage starts with a patch embedding that shrinks the token grid and widens the tokens, then runs
-identical blocks (norm, token mixer, feedforward, residuals). The trunk chains the stages and returns
-the last stage's tokens; the classifier pools them and applies the head. Every module is built anew
-for every block (no module is shared between repeated layers), from a frozen ``ModelConfig``.
+A stage starts with a patch embedding that shrinks the token grid and widens the tokens (every stage
+but the first may leave it out and keep the grid), adds its position encoding if the config has one,
+then runs identical blocks (norm, token mixer, feedforward, residuals). The trunk chains the stages
+and returns the last stage's tokens through the final norm; the classifier pools them and applies
+the head. Every module is built anew for every block (no module is shared between repeated layers),
+from a frozen ``ModelConfig``.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ class Trunk(nn.Module):
         self.norm = build_norm(config.final_norm, config.width, config.stages[-1].norm_eps)
 
     def forward_grid(self, images: Tensor) -> tuple[Tensor, Grid]:
-        """Tokens of the last stage and the side of their grid."""
+        """Tokens of the last stage (through the final norm) and their grid's (height, width)."""
         hw: Grid = (images.shape[2], images.shape[3])
         x = grid_to_tokens(images)  # (B, H*W, C_in): the stem reads it back as a grid
         for stage in self.stages:
