@@ -3,7 +3,9 @@
 Contract (what callers may rely on):
 - ``submit`` returns exactly the row of the batch output that belongs to its own item.
 - A batch closes when it holds ``max_batch_size`` items, or ``max_queue_delay`` after its first item
-  was queued, whichever comes first; a full batch goes at once.
+  was queued, whichever comes first; a full batch goes at once. It also goes at once when no request
+  is on its way: callers announce a request that will submit soon (``expect``: its body is being read or
+  decoded) and the batch waits for more only while one is announced. A lone client never waits.
 - More than ``max_queue_size`` waiting items: ``QueueFullError`` at once, nothing is queued.
 - An item whose timeout passes while it waits is never run: its caller gets ``RequestTimeoutError``.
   An item whose caller went away (its task cancelled) is skipped.
@@ -97,9 +99,11 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.instances = instances
         self.name = name
         self._observer = observer
         self._queue: deque[_Pending] = deque()
+        self._expected = 0  # requests announced by ``expect`` that have not submitted or withdrawn yet
         self._cond = threading.Condition()
         self._accepting = True
         self._threads = [
@@ -116,15 +120,38 @@ class Batcher:
 
     # --- callers' side (event loop) -------------------------------------------------------------
 
-    async def submit(self, item: np.ndarray, timeout_s: float) -> np.ndarray:
-        """Queue one item and wait for its output row."""
-        return (await self.submit_many([item], timeout_s))[0]
+    def expect(self) -> None:
+        """Announce a request that will submit soon: a batch being formed waits for it (up to the delay)."""
+        with self._cond:
+            self._expected += 1
 
-    async def submit_many(self, items: Sequence[np.ndarray], timeout_s: float) -> list[np.ndarray]:
-        """Queue several items at once (all or none) and wait for all their output rows, in order."""
+    def withdraw(self) -> None:
+        """Take back an announcement that will not submit (the request failed before it was ready)."""
+        with self._cond:
+            self._expected -= 1
+            self._cond.notify_all()
+
+    @property
+    def expected(self) -> int:
+        """Announced requests that have not submitted or withdrawn yet."""
+        return self._expected
+
+    async def submit(self, item: np.ndarray, timeout_s: float, expected: bool = False) -> np.ndarray:
+        """Queue one item and wait for its output row."""
+        return (await self.submit_many([item], timeout_s, expected))[0]
+
+    async def submit_many(
+        self, items: Sequence[np.ndarray], timeout_s: float, expected: bool = False
+    ) -> list[np.ndarray]:
+        """Queue several items at once (all or none) and wait for all their output rows, in order.
+        ``expected``: this request was announced with ``expect``; the announcement ends here, whatever
+        the outcome."""
         now = time.monotonic()
         pending = [_Pending(item, concurrent.futures.Future(), now, now + timeout_s) for item in items]
         with self._cond:
+            if expected:
+                self._expected -= 1
+                self._cond.notify_all()
             if not self._accepting:
                 raise NotAcceptingError(f"model {self.name!r} is shutting down")
             if len(self._queue) + len(pending) > self.max_queue_size:
@@ -154,7 +181,7 @@ class Batcher:
                     return None
                 self._cond.wait()
             closes_at = self._queue[0].enqueued + self.max_queue_delay_s
-            while len(self._queue) < self.max_batch_size and self._accepting:
+            while len(self._queue) < self.max_batch_size and self._accepting and self._expected > 0:
                 remaining = closes_at - time.monotonic()
                 if remaining <= 0:
                     break

@@ -1,84 +1,101 @@
-"""Every error response is JSON ``{"error": "..."}`` with a fitting status; never a traceback."""
+"""What can go wrong with a request, as kinds with a meaning, and the one table that maps each kind to an
+HTTP status and a gRPC status code.
+
+Code anywhere in the server raises ``ServiceError(kind, message)``; it knows nothing of HTTP or gRPC. The
+HTTP layer (``service.http_errors``) and the gRPC layer turn a kind into their own status with ``KINDS``.
+Every message says what went wrong and what to do.
+"""
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-logger = logging.getLogger(__name__)
+import enum
+from dataclasses import dataclass
 
 
-class APIError(Exception):
-    """Raised by routes and dependencies; becomes ``{"error": message}`` with ``status``."""
+class Kind(enum.Enum):
+    BAD_INPUT = "bad_input"  # an image or tensor that cannot be used
+    UNAUTHENTICATED = "unauthenticated"  # missing or wrong API key
+    NOT_FOUND = "not_found"  # unknown model (or version)
+    SLOW_CLIENT = "slow_client"  # the request's headers or body did not arrive in time
+    TOO_LARGE = "too_large"  # body, image, image count or batch beyond a limit
+    UNSUPPORTED_MEDIA = "unsupported_media"  # not an image, or an unsupported Content-Type
+    MALFORMED = "malformed"  # query parameters or request fields of the wrong type
+    OVERLOADED = "overloaded"  # too many requests in progress or waiting: retry later
+    UNAVAILABLE = "unavailable"  # starting, shutting down, or the model is being unloaded: retry later
+    TIMEOUT = "timeout"  # no result within the request timeout; the request was not run
+    CLIENT_GONE = "client_gone"  # the client closed its connection; nobody reads the answer
+    INTERNAL = "internal"  # inference failed on the server (never for bad input)
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
+
+@dataclass(frozen=True)
+class Mapping:
+    http_status: int
+    grpc_code: str  # the name of a grpc.StatusCode member
+    meaning: str  # for the OpenAPI description of the status
 
 
-class ErrorBody(BaseModel):
-    """Every error response: what went wrong and what to do."""
-
-    error: str
-
-
-_MEANINGS = {
-    400: "bad input: an image or tensor that cannot be used",
-    401: "missing or wrong API key",
-    404: "unknown model",
-    413: "body, image (pixels) or image count too large",
-    415: "not an image, or an unsupported Content-Type",
-    422: "malformed request (query parameters)",
-    500: "inference failed on the server (never for bad input)",
-    503: "overloaded, starting or shutting down; retry after `Retry-After` seconds",
-    504: "no result within the request timeout; the request was not run",
+KINDS: dict[Kind, Mapping] = {
+    Kind.BAD_INPUT: Mapping(400, "INVALID_ARGUMENT", "bad input: an image or tensor that cannot be used"),
+    Kind.UNAUTHENTICATED: Mapping(401, "UNAUTHENTICATED", "missing or wrong API key"),
+    Kind.NOT_FOUND: Mapping(404, "NOT_FOUND", "unknown model"),
+    Kind.SLOW_CLIENT: Mapping(408, "DEADLINE_EXCEEDED", "the request's headers or body did not arrive in time"),
+    Kind.TOO_LARGE: Mapping(413, "INVALID_ARGUMENT", "body, image (pixels), image count or batch too large"),
+    Kind.UNSUPPORTED_MEDIA: Mapping(415, "INVALID_ARGUMENT", "not an image, or an unsupported Content-Type"),
+    Kind.MALFORMED: Mapping(422, "INVALID_ARGUMENT", "malformed request (query parameters)"),
+    Kind.OVERLOADED: Mapping(503, "UNAVAILABLE", "overloaded: retry after `Retry-After` seconds"),
+    Kind.UNAVAILABLE: Mapping(503, "UNAVAILABLE", "starting or shutting down: retry after `Retry-After` seconds"),
+    Kind.TIMEOUT: Mapping(504, "DEADLINE_EXCEEDED", "no result within the request timeout; the request was not run"),
+    Kind.CLIENT_GONE: Mapping(499, "CANCELLED", "the client closed the connection (nobody receives this answer)"),
+    Kind.INTERNAL: Mapping(500, "INTERNAL", "inference failed on the server (never for bad input)"),
 }
 
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` documenting the error statuses a route can answer."""
-    return {status: {"model": ErrorBody, "description": _MEANINGS[status]} for status in statuses}
+RETRY_AFTER_S = 1  # what a refused client is told to wait (overloaded, starting, shutting down)
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+class ServiceError(Exception):
+    """A request cannot be answered with a result; ``kind`` says why, ``message`` what to do.
+
+    ``retry`` marks refusals that a client should simply send again later (``Retry-After``); ``close``
+    asks the HTTP layer to close the connection after the answer (a client that stalled, or a server
+    that is going away). ``model`` (a served model's name) and ``reason`` (finer than the kind, from a
+    fixed set of words) label the refusal in the metrics.
+    """
+
+    def __init__(
+        self,
+        kind: Kind,
+        message: str,
+        *,
+        retry: bool = False,
+        close: bool = False,
+        model: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry = retry or kind in (Kind.OVERLOADED, Kind.UNAVAILABLE)
+        self.close = close
+        self.model = model
+        self.reason = reason or kind.value
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
-    return "malformed request: " + "; ".join(parts)
+def bad_input(message: str) -> ServiceError:
+    return ServiceError(Kind.BAD_INPUT, message)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.headers)
+def not_found(message: str) -> ServiceError:
+    return ServiceError(Kind.NOT_FOUND, message)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _validation_message(exc))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404 and message == "Not Found":
-            message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}; see /docs"
-        return error_response(exc.status_code, message, dict(exc.headers or {}))
+def too_large(message: str) -> ServiceError:
+    return ServiceError(Kind.TOO_LARGE, message)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error; the server logged the details")
+
+def shutting_down(message: str, model: str | None = None) -> ServiceError:
+    return ServiceError(Kind.UNAVAILABLE, message, close=True, model=model, reason="draining")
+
+
+def client_gone(model: str | None = None) -> ServiceError:
+    message = "the client closed the connection before the answer was ready"
+    return ServiceError(Kind.CLIENT_GONE, message, model=model, reason="client_gone")

@@ -1,12 +1,12 @@
 """Decoding uploaded images safely: size checked before pixels are decoded, formats limited, errors
 that say what is wrong. Runs in the decode worker pool, never on the event loop.
 
-What is refused, and how:
-- empty bytes: 400; bytes that are no image of a supported format: 415; bytes that start like a
-  supported format but cannot be read (corrupt header, truncated or broken data): 400;
-- more than ``max_pixels`` pixels, read from the header before any pixel is decoded: 413;
+What is refused, and how (``ServiceError`` kinds):
+- empty bytes: bad input; bytes that are no image of a supported format: unsupported media; bytes
+  that start like a supported format but cannot be read (corrupt header, truncated or broken data): bad input;
+- more than ``max_pixels`` pixels, read from the header before any pixel is decoded: too large;
 - a strip so elongated that resizing its short side to the model's size would make more than
-  ``max_pixels`` pixels (e.g. 1,000,000 x 1 for a 224-pixel model): 413.
+  ``max_pixels`` pixels (e.g. 1,000,000 x 1 for a 224-pixel model): too large.
 Animations give their first frame; every colour mode (grayscale, palette, CMYK, 16-bit, alpha) becomes RGB.
 JPEG data damaged in its scan is decoded as far as the decoder can, as browsers show it.
 """
@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from stageformer.core.preprocess import PreprocessConfig, preprocess
+
+from .errors import Kind, ServiceError, bad_input, too_large
 
 Image.init()  # register Pillow's format plugins now, not on the first request
 FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO") if f in Image.OPEN)
@@ -35,15 +37,6 @@ _MAGIC = (
 )
 
 
-class ImageError(ValueError):
-    """An uploaded image cannot be used; ``status`` is the HTTP status that fits."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def sniff_format(data: bytes) -> str | None:
     """The supported format ``data`` starts like, from its leading bytes; None when none."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -51,34 +44,36 @@ def sniff_format(data: bytes) -> str | None:
     return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
-def _unreadable(what: str, data: bytes, exc: BaseException) -> ImageError:
+def _unreadable(what: str, data: bytes, exc: BaseException) -> ServiceError:
     kind = sniff_format(data) or "image"
-    return ImageError(400, f"{what} is a {kind} file that cannot be read ({exc}); it may be truncated or corrupt")
+    return bad_input(f"{what} is a {kind} file that cannot be read ({exc}); it may be truncated or corrupt")
 
 
 def open_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Image:
     """Bytes -> a Pillow image whose header is read and checked, no pixel decoded yet."""
     if not data:
-        raise ImageError(400, f"{what} is empty; send the image file's bytes")
+        raise bad_input(f"{what} is empty; send the image file's bytes")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except Image.DecompressionBombError as exc:
-        raise ImageError(413, f"{what} has too many pixels ({exc}); send at most {max_pixels:,} pixels") from None
+        raise too_large(f"{what} has too many pixels ({exc}); send at most {max_pixels:,} pixels") from None
     except UnidentifiedImageError:
         kind = sniff_format(data)
         if kind is not None:
-            raise ImageError(400, f"{what} starts like a {kind} file but its header is corrupt") from None
-        raise ImageError(415, f"{what} is not an image in a supported format; send {', '.join(FORMATS)}") from None
+            raise bad_input(f"{what} starts like a {kind} file but its header is corrupt") from None
+        raise ServiceError(
+            Kind.UNSUPPORTED_MEDIA, f"{what} is not an image in a supported format; send {', '.join(FORMATS)}"
+        ) from None
     except MemoryError:
         raise
     except Exception as exc:  # Pillow's parsers raise many types on hostile input; none is the server's fault
         raise _unreadable(what, data, exc) from None
     width, height = image.size
     if width < 1 or height < 1:
-        raise ImageError(400, f"{what} has no pixels ({width}x{height})")
+        raise bad_input(f"{what} has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError(
-            413, f"{what} is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}: resize it first"
+        raise too_large(
+            f"{what} is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}: resize it first"
         )
     return image
 
@@ -114,8 +109,7 @@ def prepare(data: bytes, config: PreprocessConfig, max_pixels: int, what: str = 
     resized = resized_pixels(width, height, config)
     if resized > max(max_pixels, config.resize_size**2):
         ratio = max(1, max_pixels // config.resize_size**2)
-        raise ImageError(
-            413,
+        raise too_large(
             f"{what} is {width}x{height}, too elongated: resizing its short side to {config.resize_size} pixels would "
             f"make {resized:,} pixels (limit {max_pixels:,}); crop it to a side ratio of at most {ratio}:1 first",
         )
@@ -125,4 +119,4 @@ def prepare(data: bytes, config: PreprocessConfig, max_pixels: int, what: str = 
     except MemoryError:
         raise
     except Exception as exc:
-        raise ImageError(400, f"{what} cannot be converted to RGB ({exc})") from None
+        raise bad_input(f"{what} cannot be converted to RGB ({exc})") from None

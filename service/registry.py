@@ -1,42 +1,23 @@
-"""The models one server serves: each an ONNX Runtime model behind its own batcher."""
+"""The models one server serves: each an ONNX Runtime model behind its own batcher, in a pipeline."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Executor
 from pathlib import Path
 
-import numpy as np
-
 from .batcher import Batcher, BatchStats
+from .errors import not_found
 from .metrics import Metrics
-from .runtime import ModelInfo, ModelLoadError, OnnxModel
+from .pipeline import Limits, ModelPipeline
+from .runtime import ModelLoadError, OnnxModel
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "digits.onnx"
-
-
-@dataclass
-class ServedModel:
-    runtime: OnnxModel
-    batcher: Batcher
-    active: int = 0  # requests admitted and not finished (read, decoded, queued or running); event loop only
-
-    @property
-    def info(self) -> ModelInfo:
-        return self.runtime.info
-
-    @property
-    def name(self) -> str:
-        return self.runtime.info.name
-
-    async def infer(self, inputs: list[np.ndarray], timeout_s: float) -> list[np.ndarray]:
-        """Logits, one row per input, through the dynamic batcher."""
-        return await self.batcher.submit_many(inputs, timeout_s)
 
 
 def find_model_files(paths: list[str]) -> list[Path]:
@@ -58,15 +39,17 @@ def find_model_files(paths: list[str]) -> list[Path]:
 
 
 class ModelRegistry:
-    def __init__(self, models: dict[str, ServedModel], default: str) -> None:
+    def __init__(self, models: dict[str, ModelPipeline], default: str) -> None:
         self.models = models
         self.default = default
 
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics) -> ModelRegistry:
-        models: dict[str, ServedModel] = {}
+    def load(cls, settings: Settings, metrics: Metrics, decode_pool: Executor) -> ModelRegistry:
+        """Load and warm up every model of ``settings``; ``ModelLoadError`` (nothing left running) when one
+        cannot be served."""
+        models: dict[str, ModelPipeline] = {}
         try:
-            cls._load_into(models, settings, metrics)
+            cls._load_into(models, settings, metrics, decode_pool)
             default = settings.default_model or next(iter(models))
             if default not in models:
                 raise ModelLoadError(f"default model {default!r} is not among the loaded models: {', '.join(models)}")
@@ -76,7 +59,9 @@ class ModelRegistry:
         return cls(models, default)
 
     @staticmethod
-    def _load_into(models: dict[str, ServedModel], settings: Settings, metrics: Metrics) -> None:
+    def _load_into(
+        models: dict[str, ModelPipeline], settings: Settings, metrics: Metrics, decode_pool: Executor
+    ) -> None:
         for path in find_model_files(settings.models):
             started = time.perf_counter()
             name = path.parent.parent.name if path.name == "model.onnx" and path.parent.name.isdigit() else None
@@ -104,15 +89,32 @@ class ModelRegistry:
                 name=runtime.info.name,
                 observer=_observer(metrics, runtime.info.name),
             )
-            models[runtime.info.name] = ServedModel(runtime, batcher)
+            limits = Limits(settings.max_images, settings.max_image_pixels, settings.request_timeout_s)
+            models[runtime.info.name] = ModelPipeline(runtime, batcher, limits, metrics, decode_pool)
             seconds = time.perf_counter() - started
             metrics.model_load_seconds.labels(runtime.info.name).set(seconds)
             logger.info(
                 "loaded %r from %s in %.2f s (warmed up at batch sizes %s)", runtime.info.name, path, seconds, sizes
             )
 
-    def get(self, name: str | None) -> ServedModel | None:
+    def get(self, name: str | None) -> ModelPipeline | None:
         return self.models.get(name or self.default)
+
+    def lookup(self, name: str | None) -> ModelPipeline:
+        """The model called ``name`` (the default one for None); not found names the served ones."""
+        model = self.get(name)
+        if model is None:
+            raise not_found(f"unknown model {name!r}; served models: {', '.join(sorted(self.models))}")
+        return model
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in progress over all models, from their first byte to their answer."""
+        return sum(m.arrivals for m in self.models.values())
+
+    def abort(self) -> int:
+        """Every model stops running requests (see ``ModelPipeline.abort``); how many were waiting."""
+        return sum(m.abort() for m in self.models.values())
 
     def close(self, timeout_s: float | None = None) -> None:
         for model in self.models.values():

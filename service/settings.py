@@ -3,15 +3,19 @@ from ``stageformer serve`` flags (flags win). Invalid values fail at start-up wi
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
 
 
 class Settings(BaseSettings):
+    """Every setting of the server. ``stageformer serve`` makes one flag of each field (its name, its
+    description as the help, the choices of a ``Literal``), so a setting is declared here and nowhere else."""
+
     model_config = SettingsConfigDict(env_prefix="STAGEFORMER_", extra="forbid", validate_default=True)
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
@@ -43,12 +47,47 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="largest image, width x height, checked before decoding"
     )
-    max_images: int = Field(64, ge=1, description="most images in one request")
+    max_images: int = Field(64, ge=1, description="most images in one request (at most --max-queue-size)")
+    header_timeout_s: float = Field(
+        5.0, gt=0.0, description="a request's headers must arrive within this many seconds (408 and close)"
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0.0, description="a request's body must arrive within this many seconds plus 1 s per --body-min-rate"
+    )
+    body_min_rate: int = Field(
+        64 * 1024, ge=1, description="bytes per second a request body must keep up after --body-timeout-s (408)"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections beyond which new ones get 503 and are closed"
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0.0, description="idle kept-alive connections close after this")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty: CORS off")
     trt_cache_dir: str = Field(".trt_cache", description="TensorRT engine cache folder (--device tensorrt)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    def decode_threads(self) -> int:
+        """Threads of the decode pool: ``decode_workers``, or one per CPU (at most 8) when 0."""
+        return self.decode_workers or min(8, os.cpu_count() or 1)
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _real_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(
+                "the API key is empty or blank, which would let anyone in; set a real key or unset STAGEFORMER_API_KEY"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _fits(self) -> Settings:
+        if self.max_images > self.max_queue_size:
+            raise ValueError(
+                f"max_images ({self.max_images}) is larger than max_queue_size ({self.max_queue_size}): such a request "
+                "could never be queued; lower --max-images or raise --max-queue-size"
+            )
+        return self

@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from ..errors import APIError
+from ..errors import not_found
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 MEDIA_TYPES = {
@@ -42,7 +42,7 @@ def _serve(name: str, page: bool = False) -> FileResponse:
     path = FILES.get(name)
     if path is None or (path.suffix == ".html") != page:
         hint = "" if FILES else " (service/static is missing from this install; reinstall the package)"
-        raise APIError(404, f"no page file {name!r}{hint}; open / for the page, /docs for the API")
+        raise not_found(f"no page file {name!r}{hint}; open / for the page, /docs for the API")
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=HEADERS)
 
 

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
+from functools import partial
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from stageformer.core.preprocess import normalize, stack
-
-from ..deps import Registry, State, admitted, in_decode_pool, lookup_model, require_api_key, run_inference
-from ..errors import APIError, error_responses
-from ..images import ImageError, prepare
+from ..deps import Registry, require_api_key, wait_for_disconnect
+from ..errors import Kind, ServiceError, bad_input, too_large
+from ..http_errors import error_responses
+from ..postprocess import Prediction as PredictionValue
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_api_key)])
 
@@ -48,18 +45,6 @@ def list_models(registry: Registry) -> ModelList:
     return ModelList(default=registry.default, models=list(registry.models))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def top_predictions(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[Prediction]:
-    probs = softmax(logits.astype(np.float64))
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [Prediction(label=labels[i], index=int(i), score=float(probs[i])) for i in order]
-
-
 async def read_images(request: Request, max_images: int) -> list[tuple[str | None, bytes]]:
     """(filename, bytes) of every image in the request: multipart ``file`` parts, or a raw image body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -68,59 +53,43 @@ async def read_images(request: Request, max_images: int) -> list[tuple[str | Non
             form = await request.form(max_files=max_images, max_fields=max_images + 16)
         except (MultiPartException, HTTPException) as exc:  # starlette reports multipart limits both ways
             detail = str(getattr(exc, "detail", None) or exc)
-            status = 413 if "Too many" in detail else 400
-            raise APIError(status, f"cannot read the multipart body: {detail} (at most {max_images} images)") from None
+            error = too_large if "Too many" in detail else bad_input
+            raise error(f"cannot read the multipart body: {detail} (at most {max_images} images)") from None
         parts = form.getlist("file")
         if not parts:
             names = ", ".join(sorted(set(form.keys()))) or "none"
-            raise APIError(400, f"no part named 'file' in the form (found: {names}); send each image as a 'file' part")
+            raise bad_input(f"no part named 'file' in the form (found: {names}); send each image as a 'file' part")
         images = []
         for part in parts:
             if not isinstance(part, UploadFile):
-                raise APIError(400, "the 'file' part must be a file upload, not a text field")
+                raise bad_input("the 'file' part must be a file upload, not a text field")
             images.append((part.filename, await part.read()))
         return images
     if content_type.startswith("image/"):
         return [(None, await request.body())]
-    raise APIError(
-        415,
+    raise ServiceError(
+        Kind.UNSUPPORTED_MEDIA,
         f"unsupported Content-Type {content_type or 'none'!r}; send multipart/form-data with 'file' parts "
         "or a raw image body with an image/* Content-Type",
     )
 
 
-async def _classify(
-    request: Request, state: State, registry: Registry, name: str | None, top_k: int
-) -> ClassifyResponse:
-    model = lookup_model(registry, name)
-    with admitted(state, model):  # before the body is read: a full server refuses at once
-        info = model.info
-        settings = state.settings
-        images = await read_images(request, settings.max_images)
-        started = time.perf_counter()
-        jobs = [
-            in_decode_pool(state, prepare, data, info.preprocess, settings.max_image_pixels, f"image {filename or i}")
-            for i, (filename, data) in enumerate(images)
-        ]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        for result in results:
-            if isinstance(result, ImageError):
-                raise APIError(result.status, result.message)
-            if isinstance(result, BaseException):
-                raise result
-        pixels: list[np.ndarray] = list(results)  # type: ignore[arg-type]
-        if info.input_format == "normalized":
-            pixels = list(normalize(stack(pixels), info.preprocess))
-        state.metrics.preprocess_seconds.labels(info.name).observe((time.perf_counter() - started) / len(images))
-        logits = await run_inference(state, model, pixels, request)
-    k = min(top_k, info.num_classes)
+async def _classify(request: Request, registry: Registry, name: str | None, top_k: int) -> ClassifyResponse:
+    model = registry.lookup(name)
+    with model.arrival() as ticket:
+        images = await read_images(request, model.limits.max_images)
+        predictions = await model.classify(ticket, images, top_k, partial(wait_for_disconnect, request))
     return ClassifyResponse(
-        model=info.name,
+        model=model.name,
         results=[
-            ImageResult(filename=filename, predictions=top_predictions(row, info.labels, k))
-            for (filename, _), row in zip(images, logits, strict=True)
+            ImageResult(filename=filename, predictions=[_prediction(p) for p in row])
+            for (filename, _), row in zip(images, predictions, strict=True)
         ],
     )
+
+
+def _prediction(p: PredictionValue) -> Prediction:
+    return Prediction(label=p.label, index=p.index, score=p.score)
 
 
 TopK = Annotated[int, Query(ge=1, le=10_000, description="how many classes to return per image, best first")]
@@ -142,7 +111,7 @@ _BODY = {
 }
 
 
-_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 500, 503, 504)
+_ERRORS = error_responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
 
 @router.post(
@@ -152,9 +121,9 @@ _ERRORS = error_responses(400, 401, 404, 413, 415, 422, 500, 503, 504)
     responses=_ERRORS,
     summary="Classify with the default model",
 )
-async def classify(request: Request, state: State, registry: Registry, top_k: TopK = 5) -> ClassifyResponse:
+async def classify(request: Request, registry: Registry, top_k: TopK = 5) -> ClassifyResponse:
     """Send one or more images as multipart ``file`` parts, or one image as the raw body."""
-    return await _classify(request, state, registry, None, top_k)
+    return await _classify(request, registry, None, top_k)
 
 
 @router.post(
@@ -164,7 +133,5 @@ async def classify(request: Request, state: State, registry: Registry, top_k: To
     responses=_ERRORS,
     summary="Classify with a model",
 )
-async def classify_with(
-    model: str, request: Request, state: State, registry: Registry, top_k: TopK = 5
-) -> ClassifyResponse:
-    return await _classify(request, state, registry, model, top_k)
+async def classify_with(model: str, request: Request, registry: Registry, top_k: TopK = 5) -> ClassifyResponse:
+    return await _classify(request, registry, model, top_k)

@@ -24,9 +24,10 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.batcher import Batcher
-from service.deps import AppState
-from service.registry import ServedModel
+from service.pipeline import ModelPipeline
+from service.server import uvicorn_config
 from service.settings import Settings
+from service.state import AppState
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,7 +85,7 @@ class LiveServer:
     app: FastAPI
     state: AppState
 
-    def model(self, name: str) -> ServedModel:
+    def model(self, name: str) -> ModelPipeline:
         assert self.state.registry is not None
         return self.state.registry.models[name]
 
@@ -92,8 +93,9 @@ class LiveServer:
 @contextmanager
 def live_server(**settings: Any) -> Iterator[LiveServer]:
     """uvicorn serving ``create_app(Settings(**settings))`` on a free loopback port, in a thread."""
-    app = create_app(Settings(**settings))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    settings_ = Settings(**settings)
+    app = create_app(settings_)
+    config = uvicorn_config(app, settings_, host="127.0.0.1", port=0, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

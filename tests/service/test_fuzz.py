@@ -1,6 +1,6 @@
 """Fuzzing: schemathesis generates requests from the server's own OpenAPI schema (valid and invalid
 ones) and sends them to a real server; no 500, no hang, every answer as documented. Hypothesis mutates
-real image files of every supported format: decoding never fails other than with a clear ImageError."""
+real image files of every supported format: decoding never fails other than with a clear ServiceError."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.images import ImageError, prepare
+from service.errors import KINDS, ServiceError
+from service.images import prepare
 from stageformer.core.preprocess import PreprocessConfig
 
 from .harness import LiveServer, live_server
@@ -99,7 +100,7 @@ def test_damaged_images_of_every_format_fail_only_with_a_clear_image_error(
         data = data[: cut % len(data)]
     try:
         pixels = prepare(bytes(data), PreprocessConfig(image_size=32), 1_000_000)
-    except ImageError as exc:
-        assert 400 <= exc.status < 500 and exc.message
+    except ServiceError as exc:
+        assert 400 <= KINDS[exc.kind].http_status < 500 and exc.message
     else:
         assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 
-import service.deps
+import service.security
 
 from .conftest import png, serve
 from .harness import ROOT, live_server
@@ -87,7 +87,7 @@ async def test_the_key_comparison_takes_the_same_path_whatever_the_key(
         compared.append((len(a), len(b)))
         return compare(a, b)
 
-    monkeypatch.setattr(service.deps.hmac, "compare_digest", spy)
+    monkeypatch.setattr(service.security.hmac, "compare_digest", spy)
     async with serve(models=[str(tiny_onnx)], api_key="k" * 40) as c:
         tokens = ["", "k", "k" * 39, "k" * 40, "k" * 41, "x" * 10_000, "Basic " + "k" * 40]
         for token in tokens:
@@ -187,8 +187,8 @@ def test_no_pickle_is_ever_loaded_and_model_names_never_reach_the_filesystem(mod
 async def test_unexpected_errors_answer_500_without_details(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.routes.v1
-    import service.routes.v2
+    import service.oip
+    import service.pipeline
 
     # as a server does: take the answer; the error itself goes on to the server's log
     transport = httpx.ASGITransport(app=client.app, raise_app_exceptions=False)  # type: ignore[attr-defined]
@@ -197,8 +197,8 @@ async def test_unexpected_errors_answer_500_without_details(
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret detail at /srv/private/config.py line 12")
 
-    monkeypatch.setattr(service.routes.v1, "top_predictions", explode)
-    monkeypatch.setattr(service.routes.v2, "_classification", explode)
+    monkeypatch.setattr(service.pipeline, "top_k", explode)
+    monkeypatch.setattr(service.oip, "classification_strings", explode)
     body = {"inputs": [{"name": "image", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
             "outputs": [{"name": "logits", "parameters": {"classification": 1}}]}  # fmt: skip
     for response in (

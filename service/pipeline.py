@@ -1,0 +1,231 @@
+"""One served model's way from a request to its answer: admission → decoded pixels → model input →
+dynamic batcher → logits → top-k. ``/v1``, ``/v2``, gRPC and the page all go through it; they only parse
+their request and shape the answer.
+
+Admission is in two steps. ``arrival()`` opens when a request for the model starts, before its body is read:
+a model that is full refuses at once (nothing read, nothing decoded), otherwise the request is announced to
+the batcher, which then waits for it when forming a batch. Once the body is in, ``classify``/``infer`` take
+an admission slot (at most ``max_queue_size + max_batch_size x instances`` requests decoding, queued or
+running); a request whose body is still arriving holds no slot, so a slow or stalled client keeps nobody
+else out (the read deadline of ``service.server`` ends it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stageformer.core.formats import RAW_INPUT
+from stageformer.core.preprocess import normalize, stack
+
+from .batcher import Batcher, BatchFailedError, NotAcceptingError, QueueFullError, RequestTimeoutError
+from .errors import Kind, ServiceError, client_gone, shutting_down, too_large
+from .images import prepare
+from .metrics import Metrics
+from .oip import TensorSpec
+from .postprocess import Prediction, top_k
+from .runtime import ModelInfo, OnnxModel
+
+logger = logging.getLogger(__name__)
+
+Disconnected = Callable[[], Awaitable[Any]]  # completes when the client has gone
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a model."""
+
+    max_images: int  # images (batch rows) per request
+    max_image_pixels: int  # width x height of one uploaded image, read from its header
+    request_timeout_s: float  # longest wait for inference
+
+
+class Ticket:
+    """One request's passage through ``ModelPipeline.arrival``: whether its batcher announcement is still
+    open (it closes when the request submits, or when it leaves without submitting)."""
+
+    def __init__(self) -> None:
+        self.announced = True
+
+    def take(self) -> bool:
+        """Hand the announcement to the batcher (once)."""
+        announced, self.announced = self.announced, False
+        return announced
+
+
+class ModelPipeline:
+    """A served model: its ONNX Runtime sessions, its batcher, and the steps of a request."""
+
+    def __init__(
+        self, runtime: OnnxModel, batcher: Batcher, limits: Limits, metrics: Metrics, decode_pool: Executor
+    ) -> None:
+        self.runtime = runtime
+        self.batcher = batcher
+        self.limits = limits
+        self.metrics = metrics
+        self.decode_pool = decode_pool
+        info = runtime.info
+        self.input_spec = TensorSpec(info.input_name, "UINT8" if info.input_format == RAW_INPUT else "FP32",
+                                     (-1, *info.sample_shape))  # fmt: skip
+        self.admission_limit = batcher.max_queue_size + batcher.max_batch_size * batcher.instances
+        self.arrivals = 0  # requests from their first byte to their answer (event loop only)
+        self.active = 0  # of those, admitted ones: decoding, queued or running (event loop only)
+        self.aborted = False  # the drain timeout passed: nothing more runs
+        self._waiting: set[asyncio.Future[list[np.ndarray]]] = set()
+        self._preprocess_seconds = metrics.preprocess_seconds.labels(info.name)
+        self._queue_seconds = metrics.queue_seconds.labels(info.name)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.runtime.info
+
+    @property
+    def name(self) -> str:
+        return self.runtime.info.name
+
+    # --- admission ----------------------------------------------------------------------------------
+
+    def _refuse_if_full(self) -> None:
+        if self.active >= self.admission_limit:
+            raise self._error(Kind.OVERLOADED, f"overloaded: model {self.name!r} has {self.active} requests in "
+                              "progress; retry later", "active_limit")  # fmt: skip
+        if self.batcher.depth >= self.batcher.max_queue_size:
+            raise self._error(Kind.OVERLOADED, f"overloaded: model {self.name!r} has {self.batcher.depth} images "
+                              "waiting; retry later", "queue_full")  # fmt: skip
+
+    @contextmanager
+    def arrival(self) -> Iterator[Ticket]:
+        """A request from before its body is read to its answer (see the module docstring)."""
+        if self.aborted:
+            raise self._stopped()
+        self._refuse_if_full()
+        self.batcher.expect()
+        ticket = Ticket()
+        self.arrivals += 1
+        try:
+            yield ticket
+        finally:
+            self.arrivals -= 1
+            if ticket.take():
+                self.batcher.withdraw()
+
+    @contextmanager
+    def _admitted(self, rows: int) -> Iterator[None]:
+        if rows > self.batcher.max_queue_size:
+            raise self._error(Kind.TOO_LARGE, f"{rows} images in one request can never fit model {self.name!r}'s "
+                              f"queue of {self.batcher.max_queue_size}; send at most {self.batcher.max_queue_size}",
+                              "too_large")  # fmt: skip
+        self._refuse_if_full()
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    # --- the steps ----------------------------------------------------------------------------------
+
+    async def decode(self, images: Sequence[tuple[str | None, bytes]]) -> np.ndarray:
+        """Uploaded files -> model input ``[batch, ...]``, decoded in the decode pool, in order. The first
+        image that cannot be used fails the request, naming it."""
+        info = self.info
+        if len(images) > self.limits.max_images:
+            raise too_large(f"{len(images)} images in one request; send at most {self.limits.max_images}")
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        jobs = [
+            loop.run_in_executor(
+                self.decode_pool, prepare, data, info.preprocess, self.limits.max_image_pixels, f"image {name or i}"
+            )
+            for i, (name, data) in enumerate(images)
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        pixels = stack(results)  # type: ignore[arg-type]
+        self._preprocess_seconds.observe((time.perf_counter() - started) / len(images))
+        return pixels if info.input_format == RAW_INPUT else normalize(pixels, info.preprocess)
+
+    async def classify(
+        self, ticket: Ticket, images: Sequence[tuple[str | None, bytes]], k: int, gone: Disconnected | None = None
+    ) -> list[list[Prediction]]:
+        """Uploaded image files -> the ``k`` most probable classes of each, best first."""
+        with self._admitted(len(images)):
+            batch = await self.decode(images)
+            logits = await self._run(ticket, batch, gone)
+        return top_k(logits, self.info.labels, k)
+
+    async def infer(self, ticket: Ticket, batch: np.ndarray, gone: Disconnected | None = None) -> np.ndarray:
+        """A model-ready input tensor ``[batch, ...]`` (checked against ``input_spec``) -> logits."""
+        with self._admitted(len(batch)):
+            if batch.dtype != self.input_spec.dtype:
+                batch = batch.astype(self.input_spec.dtype)
+            return await self._run(ticket, batch, gone)
+
+    async def _run(self, ticket: Ticket, batch: np.ndarray, gone: Disconnected | None) -> np.ndarray:
+        """Logits through the batcher; its errors become ``ServiceError`` kinds. A client that goes away
+        while waiting takes its rows out of the queue."""
+        if self.aborted:
+            raise self._stopped()
+        submitted = time.monotonic()
+        timeout = self.limits.request_timeout_s
+        work = asyncio.ensure_future(self.batcher.submit_many(list(batch), timeout, expected=ticket.take()))
+        self._waiting.add(work)
+        try:
+            rows = await self._outcome(work, gone)
+        except QueueFullError as exc:
+            raise self._error(Kind.OVERLOADED, f"overloaded: {exc}; retry later", "queue_full") from None
+        except NotAcceptingError as exc:
+            raise shutting_down(str(exc), self.name) from None
+        except RequestTimeoutError as exc:
+            waited = time.monotonic() - submitted
+            for _ in range(len(batch)):
+                self._queue_seconds.observe(waited)
+            raise self._error(Kind.TIMEOUT, str(exc), "timeout") from None
+        except BatchFailedError as exc:
+            raise self._error(Kind.INTERNAL, f"{exc}; the server logged the details", "inference_failed") from None
+        finally:
+            self._waiting.discard(work)
+        return np.stack(rows)
+
+    async def _outcome(self, work: asyncio.Future[list[np.ndarray]], gone: Disconnected | None) -> list[np.ndarray]:
+        racing: set[asyncio.Future[Any]] = {work}
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        if watcher is not None:
+            racing.add(watcher)
+        try:
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+            if work.cancelled():  # not by us: this task is running, so the drain timeout cancelled it
+                raise self._stopped()
+            if not work.done() and watcher is not None and watcher.done() and watcher.exception() is None:
+                raise client_gone(self.name)
+            return await work
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            work.cancel()  # a no-op when done; otherwise the batcher skips the request's rows
+
+    # --- shutdown -----------------------------------------------------------------------------------
+
+    def abort(self) -> int:
+        """The drain timeout passed: requests waiting for inference get 503 now (their rows leave the queue
+        unrun), and so do later ones. Event loop only. Returns how many were waiting."""
+        self.aborted = True
+        for work in list(self._waiting):
+            work.cancel()
+        return len(self._waiting)
+
+    def _stopped(self) -> ServiceError:
+        message = "the server is shutting down and did not run this request; send it again (to another instance)"
+        return shutting_down(message, self.name)
+
+    def _error(self, kind: Kind, message: str, reason: str) -> ServiceError:
+        return ServiceError(kind, message, model=self.name, reason=reason)
