@@ -37,7 +37,14 @@ def _defaults(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the ``train`` options on ``parser`` (its subcommand parser)."""
+    """Declare the ``train`` options on ``parser`` (its subcommand parser), in four groups."""
+    _add_model_options(parser)
+    _add_data_options(parser)
+    _add_recipe_options(parser)
+    _add_device_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (one of --preset, --config, or a checkpoint via --init/--resume)")
     source = model.add_mutually_exclusive_group()
     source.add_argument("--preset", metavar="NAME", help="model preset to train (see `stageformer presets`)")
@@ -63,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="input side of the model and its preprocessing (default: the preset's or config's)",
     )
 
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data and output")
     data.add_argument(
         "--data",
@@ -90,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"data loader worker processes per process {_defaults('workers')}",
     )
 
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     recipe = parser.add_argument_group("recipe (defaults: the preset's recipe where it has one, else the general one)")
     recipe.add_argument("--epochs", type=int, metavar="N", help=f"passes over the training set {_defaults('epochs')}")
     recipe.add_argument(
@@ -125,6 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed of initialisation, data order, augmentation (default 0)"
     )
 
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
     device = parser.add_argument_group("device")
     device.add_argument(
         "--device",
