@@ -4,11 +4,15 @@ takes. Used by the HTTP route (JSON and the binary tensor extension) and by gRPC
 
 Every malformed request is a ``ServiceError`` of kind bad input whose message names the field: the request
 is validated against a schema (pydantic models of the protocol's request) before any value is used.
+
+Large requests are decoded off the event loop, and the work is shaped so that it never holds Python's
+global lock for long (other threads, the event loop among them, keep running): JSON is parsed by
+pydantic-core's parser, which lets other threads run, and tensor data is converted in slices of
+``SLICE_VALUES`` values.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +20,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic_core import from_json, to_json
 
 from .errors import bad_input
 from .postprocess import classification_strings
@@ -23,6 +28,7 @@ from .postprocess import classification_strings
 HEADER_LENGTH = "inference-header-content-length"  # the binary tensor extension's header (lower case)
 DATATYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype(np.float32)}
 MAX_DIM = 1 << 24  # no dimension of a request is larger; bounds the arithmetic before any allocation
+SLICE_VALUES = 1 << 16  # tensor values converted per call (about a millisecond with the lock held)
 
 Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
 Parameters = dict[str, Scalar]
@@ -92,10 +98,10 @@ def _field_errors(exc: ValidationError) -> str:
 def parse_request(header: bytes) -> InferenceRequest:
     """The JSON header of an inference request, validated against the protocol's request schema."""
     try:
-        payload = json.loads(header)
-    except RecursionError:
-        raise bad_input("the inference request nests JSON too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, invalid UTF-8, an integer literal of thousands of digits
+        payload = from_json(header)
+    except ValueError as exc:  # malformed, invalid UTF-8, nested too deeply, a number out of range
+        if "recursion limit" in str(exc):
+            raise bad_input(f"the inference request nests JSON too deeply ({exc})") from None
         raise bad_input(f"the inference request is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(payload, dict):
         raise bad_input("the inference request must be a JSON object with 'inputs'")
@@ -152,19 +158,44 @@ def _flatten(data: Any, max_values: int) -> list[Any]:
     return flat
 
 
+def _numbers(name: str, data: list[Any], count: int) -> np.ndarray:
+    """``data`` (flat, or nested with equal lengths at each level) as one flat float64 array, converted a
+    slice of the outermost list at a time. ``ValueError`` for ragged nesting."""
+    if not data:
+        raise ValueError("no values")
+    first = np.asarray(data[0])  # one row, to know how many values each element holds
+    step = max(1, SLICE_VALUES // max(1, first.size))
+    parts = []
+    for start in range(0, len(data), step):
+        part = np.asarray(data[start : start + step])  # type inferred: numbers give int64/float64, others not
+        if part.dtype.kind not in "iuf":
+            what = "booleans" if part.dtype.kind == "b" else "numbers out of range, strings or objects"
+            raise bad_input(f"input {name!r}: data must be numbers, found {what}")
+        parts.append(part.reshape(-1).astype(np.float64))
+    values = np.concatenate(parts)
+    if values.size != count:
+        raise ValueError("the nesting does not match the shape")
+    return values
+
+
 def tensor_from_values(name: str, shape: Sequence[int], data: Any, spec: TensorSpec) -> np.ndarray:
     """A tensor from JSON values (flat or nested lists, row-major) or gRPC typed contents."""
     count = math.prod(shape)
-    flat = _flatten(data, count)
-    if len(flat) != count:
-        seen = f"{len(flat)}" if len(flat) <= count else f"more than {count}"
-        raise bad_input(f"input {name!r}: {seen} values for shape {list(shape)} ({count} values)")
-    if not all(type(v) is int or type(v) is float for v in flat):
-        raise bad_input(f"input {name!r}: data must be numbers (not strings, booleans or objects)")
     try:
-        values = np.asarray(flat, dtype=np.float64)
-    except OverflowError:
-        raise bad_input(f"input {name!r}: a value is too large for a number") from None
+        values = _numbers(name, data, count) if isinstance(data, list) else None
+    except ValueError:  # ragged nesting, or nested otherwise than the shape: walk it value by value
+        values = None
+    if values is None:
+        flat = _flatten(data, count)
+        if len(flat) != count:
+            seen = f"{len(flat)}" if len(flat) <= count else f"more than {count}"
+            raise bad_input(f"input {name!r}: {seen} values for shape {list(shape)} ({count} values)")
+        if not all(type(v) is int or type(v) is float for v in flat):
+            raise bad_input(f"input {name!r}: data must be numbers (not strings, booleans or objects)")
+        try:
+            values = np.asarray(flat, dtype=np.float64)
+        except OverflowError:
+            raise bad_input(f"input {name!r}: a value is too large for a number") from None
     if spec.datatype == "UINT8" and (values.min() < 0 or values.max() > 255 or np.any(values != np.floor(values))):
         raise bad_input(f"input {name!r}: UINT8 data must be integers in 0..255")
     with np.errstate(over="ignore"):  # FP32 overflow becomes Inf, refused below
@@ -270,7 +301,7 @@ def response_body(
     result: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": outputs}
     if request_id is not None:
         result["id"] = request_id
-    header = json.dumps(result).encode()
+    header = to_json(result)
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)

@@ -165,6 +165,8 @@ class ModelPipeline:
 
     async def infer(self, ticket: Ticket, batch: np.ndarray, gone: Disconnected | None = None) -> np.ndarray:
         """A model-ready input tensor ``[batch, ...]`` (checked against ``input_spec``) -> logits."""
+        if len(batch) > self.limits.max_images:
+            raise too_large(f"a batch of {len(batch)} images in one request; send at most {self.limits.max_images}")
         with self._admitted(len(batch)):
             if batch.dtype != self.input_spec.dtype:
                 batch = batch.astype(self.input_spec.dtype)

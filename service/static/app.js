@@ -1,5 +1,6 @@
 // The try-it page: lists the served models (/v1/models), shows the chosen one's metadata
-// (/v2/models/{name}) and sends each picked or dropped image to /v1/models/{name}/classify.
+// (/v2/models/{name}) and sends each picked, dropped or pasted image, each drawing made on the pad and
+// each sample clicked to /v1/models/{name}/classify.
 // Plain JavaScript, no framework, nothing loaded from elsewhere. URLs are relative, so the page also
 // works behind a proxy that serves the API under a path prefix.
 "use strict";
@@ -23,6 +24,10 @@ const ui = {
   resultsHead: $("results-head"),
   clear: $("clear"),
   template: $("result-template"),
+  pad: $("pad"),
+  padSend: $("pad-send"),
+  padClear: $("pad-clear"),
+  samples: $("samples"),
 };
 
 class ApiError extends Error {
@@ -196,6 +201,131 @@ function classifyAll(files) {
   for (const file of files) classify(file, model);
 }
 
+// --- the drawing pad -----------------------------------------------------------------------------
+// Dark ink on white paper, round pen; the line is 1/16 of the pad wide, about a felt pen on a small
+// sheet. Pointer events cover the mouse, pens and touch alike.
+
+const PAD_INK = "#111";
+const PAD_PAPER = "#fff";
+const pad = {
+  context: ui.pad.getContext("2d"),
+  pointer: null, // the pointer drawing now, if any
+  last: null, // its previous point on the pad
+  drawn: false,
+  sent: 0, // drawings sent so far, to name them
+};
+
+function clearPad() {
+  const { context } = pad;
+  context.fillStyle = PAD_PAPER;
+  context.fillRect(0, 0, ui.pad.width, ui.pad.height);
+  pad.drawn = false;
+  ui.padSend.disabled = true;
+  ui.padClear.disabled = true;
+}
+
+// A pointer event's position in the pad's own pixels, whatever size the page shows it at.
+function padPoint(event) {
+  const box = ui.pad.getBoundingClientRect();
+  return {
+    x: ((event.clientX - box.left) * ui.pad.width) / box.width,
+    y: ((event.clientY - box.top) * ui.pad.height) / box.height,
+  };
+}
+
+function inkTo(point) {
+  const { context } = pad;
+  context.strokeStyle = PAD_INK;
+  context.fillStyle = PAD_INK;
+  context.lineWidth = ui.pad.width / 16;
+  context.lineCap = "round";
+  context.lineJoin = "round";
+  if (pad.last) {
+    context.beginPath();
+    context.moveTo(pad.last.x, pad.last.y);
+    context.lineTo(point.x, point.y);
+    context.stroke();
+  } else {
+    context.beginPath();
+    context.arc(point.x, point.y, context.lineWidth / 2, 0, 2 * Math.PI);
+    context.fill();
+  }
+  pad.last = point;
+  if (!pad.drawn) {
+    pad.drawn = true;
+    ui.padSend.disabled = false;
+    ui.padClear.disabled = false;
+  }
+}
+
+ui.pad.addEventListener("pointerdown", (event) => {
+  if (pad.pointer !== null || (event.pointerType === "mouse" && event.button !== 0)) return;
+  event.preventDefault();
+  try {
+    ui.pad.setPointerCapture(event.pointerId); // keep the stroke when the pointer leaves the pad
+  } catch {
+    // a pointer the browser no longer tracks: draw without capture
+  }
+  pad.pointer = event.pointerId;
+  pad.last = null;
+  inkTo(padPoint(event));
+});
+ui.pad.addEventListener("pointermove", (event) => {
+  if (event.pointerId !== pad.pointer) return;
+  event.preventDefault();
+  // Fast strokes deliver several positions per event; drawing them all keeps curves round.
+  const events = typeof event.getCoalescedEvents === "function" ? event.getCoalescedEvents() : [];
+  for (const each of events.length ? events : [event]) inkTo(padPoint(each));
+});
+for (const type of ["pointerup", "pointercancel"]) {
+  ui.pad.addEventListener(type, (event) => {
+    if (event.pointerId !== pad.pointer) return;
+    pad.pointer = null;
+    pad.last = null;
+  });
+}
+
+ui.padClear.addEventListener("click", clearPad);
+ui.padSend.addEventListener("click", () => {
+  if (!pad.drawn) return;
+  ui.pad.toBlob((blob) => {
+    if (!blob) {
+      showNotice("The browser could not turn the drawing into a PNG.");
+      return;
+    }
+    pad.sent += 1;
+    classifyAll([new File([blob], `drawing-${pad.sent}.png`, { type: "image/png" })]);
+  }, "image/png");
+});
+
+// --- samples built into the page (static/samples.js) --------------------------------------------
+
+function sampleFile(sample) {
+  const bytes = Uint8Array.from(atob(sample.data), (c) => c.charCodeAt(0));
+  return new File([bytes], sample.name, { type: sample.type });
+}
+
+function showSamples() {
+  const samples = window.STAGEFORMER_SAMPLES || [];
+  ui.samples.replaceChildren(
+    ...samples.map((sample) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "sample";
+      button.dataset.name = sample.name;
+      button.title = `${sample.description}: send it to the model`;
+      const img = document.createElement("img");
+      img.src = `data:${sample.type};base64,${sample.data}`;
+      img.alt = sample.description;
+      const caption = document.createElement("span");
+      caption.textContent = sample.description;
+      button.append(img, caption);
+      button.addEventListener("click", () => classifyAll([sampleFile(sample)]));
+      return button;
+    }),
+  );
+}
+
 // --- wiring --------------------------------------------------------------------------------------
 
 ui.files.addEventListener("change", () => {
@@ -245,4 +375,6 @@ ui.clear.addEventListener("click", () => {
 });
 
 ui.key.value = sessionStorage.getItem(KEY_STORE) || "";
+clearPad();
+showSamples();
 loadModels();

@@ -1,10 +1,12 @@
 """The try-it page end to end: a real server process with the digits demo model, headless Chromium, real
 uploads. What a person sees: the model's metadata, each image with its top-5 bars and latency, the API's
-own message for a refused file, and the API-key field working against a server that has a key."""
+own message for a refused file, the API-key field working against a server that has a key, digits drawn
+on the pad with the mouse and by touch, and the samples built into the page."""
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 import shutil
@@ -23,6 +25,15 @@ from .conftest import digit_png, is_png
 
 TEXT_FILE = FilePayload(name="notes.txt", mimeType="text/plain", buffer=b"this is not an image\n")
 KEY = "page-test-key"
+
+# Digits as a person draws them on the pad: strokes of points, in fractions of the pad's side.
+SEVEN = [[(0.24, 0.2), (0.76, 0.2), (0.44, 0.84)]]  # the bar, then down to the foot without lifting the pen
+FOUR = [[(0.56, 0.14), (0.26, 0.6), (0.8, 0.6)], [(0.66, 0.34), (0.66, 0.88)]]  # open 4, two strokes
+ONE = [[(0.4, 0.3), (0.54, 0.14), (0.54, 0.86)]]
+PAD_IS_BLANK = (
+    "(() => { const c = document.getElementById('pad'); return c.getContext('2d')"
+    ".getImageData(0, 0, c.width, c.height).data.every((v) => v === 255); })()"
+)
 
 
 class Watched:
@@ -230,5 +241,99 @@ def test_page_asks_for_the_api_key_and_works_with_it(tab: Page, artifacts: Path,
         expect(card(page, "notes.txt").locator(".error")).to_contain_text("not an image in a supported format")
 
         shot = page.screenshot(path=str(artifacts / "page-api-key.png"), full_page=True)
+        assert is_png(shot)
+        seen.check_clean()
+
+
+def draw_with_mouse(page: Page, strokes: list[list[tuple[float, float]]]) -> None:
+    """Draws on the pad with the mouse: button down, moves in small steps along each stroke, button up."""
+    box = page.locator("#pad").bounding_box()
+    assert box is not None
+    for points in strokes:
+        page.mouse.move(box["x"] + points[0][0] * box["width"], box["y"] + points[0][1] * box["height"])
+        page.mouse.down()
+        for x, y in points[1:]:
+            page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=12)
+        page.mouse.up()
+
+
+def draw_with_touch(page: Page, strokes: list[list[tuple[float, float]]]) -> None:
+    """Draws on the pad with a finger: the pointer events a touch screen sends (pointerType "touch")."""
+    dense = []
+    for points in strokes:
+        path = [points[0]]
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
+            path += [(x0 + (x1 - x0) * t / 12, y0 + (y1 - y0) * t / 12) for t in range(1, 13)]
+        dense.append(path)
+    page.evaluate(
+        """(strokes) => {
+            const pad = document.getElementById("pad");
+            const box = pad.getBoundingClientRect();
+            const send = (type, [x, y], buttons) => pad.dispatchEvent(new PointerEvent(type, {
+                pointerId: 11, pointerType: "touch", isPrimary: true, bubbles: true, cancelable: true, buttons,
+                clientX: box.left + x * box.width, clientY: box.top + y * box.height,
+            }));
+            for (const points of strokes) {
+                send("pointerdown", points[0], 1);
+                for (const point of points.slice(1)) send("pointermove", point, 1);
+                send("pointerup", points[points.length - 1], 0);
+            }
+        }""",
+        dense,
+    )
+
+
+def test_page_reads_digits_drawn_on_the_pad_and_its_samples(tab: Page, artifacts: Path) -> None:
+    page = tab
+    with server_process() as (port, _):
+        base = f"http://127.0.0.1:{port}"
+        seen = Watched(page, base)
+        page.goto(base + "/")
+        expect(page.locator("#model-info")).to_be_visible()
+        assert page.evaluate(PAD_IS_BLANK)
+        expect(page.locator("#pad-send")).to_be_disabled()
+        expect(page.locator("#pad-clear")).to_be_disabled()
+
+        # A 7 drawn with the mouse, sent: a card like an upload's, with 7 on top.
+        draw_with_mouse(page, SEVEN)
+        assert not page.evaluate(PAD_IS_BLANK)
+        expect(page.locator("#pad-send")).to_be_enabled()
+        page.click("#pad-send")
+        expect_prediction(page, "drawing-1.png", 7)
+        page.screenshot(path=str(artifacts / "page-drawn-7.png"), full_page=True)
+
+        # What was sent is a PNG of the pad, and the API says the same of it as the card shows.
+        url = page.evaluate("document.getElementById('pad').toDataURL('image/png')")
+        drawing = base64.b64decode(url.split(",", 1)[1])
+        assert is_png(drawing)
+        answer = httpx.post(base + "/v1/classify", files={"file": ("drawing.png", drawing, "image/png")}).json()
+        best = answer["results"][0]["predictions"][0]
+        assert best["label"] == "7"
+        shown = card(page, "drawing-1.png").locator(".predictions li.best .score")
+        expect(shown).to_have_text(f"{100 * best['score']:.1f}%")
+
+        # Clearing leaves white paper; a 4 in two strokes, then a 1 drawn by touch.
+        page.click("#pad-clear")
+        assert page.evaluate(PAD_IS_BLANK)
+        expect(page.locator("#pad-send")).to_be_disabled()
+        draw_with_mouse(page, FOUR)
+        page.click("#pad-send")
+        expect_prediction(page, "drawing-2.png", 4)
+        page.click("#pad-clear")
+        draw_with_touch(page, ONE)
+        page.click("#pad-send")
+        expect_prediction(page, "drawing-3.png", 1)
+
+        # The samples built into the page: each a click away from its answer.
+        samples = page.evaluate("window.STAGEFORMER_SAMPLES")
+        assert len(samples) == 3
+        expect(page.locator(".sample img")).to_have_count(3)
+        for sample in samples:
+            button = page.locator(f'.sample[data-name="{sample["name"]}"]')
+            assert button.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+            button.click()
+            expect_prediction(page, sample["name"], int(sample["label"]))
+
+        shot = page.screenshot(path=str(artifacts / "page-pad-and-samples.png"), full_page=True)
         assert is_png(shot)
         seen.check_clean()

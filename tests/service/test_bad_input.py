@@ -218,7 +218,7 @@ def v2_cases() -> list[Case]:
         ("objects as data", "POST", i, _infer(with_input(data=[{}] * 3072)), 400, "must be numbers"),
         ("no data", "POST", i, _infer({"inputs": [{k: v for k, v in uint8.items() if k != "data"}]}), 400,
          "neither 'data'"),
-        ("deeply nested data", "POST", i, _infer(nested), 400, "values for shape"),
+        ("deeply nested data", "POST", i, _infer(nested), 400, "nests JSON too deeply"),
         ("unknown input name", "POST", i, _infer(with_input(name="pixels")), 400, "unknown input 'pixels'"),
         ("two inputs", "POST", i, _infer({"inputs": [uint8, uint8]}), 400, "exactly one tensor"),
         ("no inputs", "POST", i, _infer({"outputs": []}), 400, "inputs: Field required"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,8 +10,11 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+
+from service.settings import Settings
 
 from .harness import ROOT, free_port, server_process
 
@@ -81,12 +85,6 @@ def test_invalid_settings_fail_at_start_up_with_a_clear_message(tiny_onnx: Path)
     )  # fmt: skip
     assert result.returncode == 2
     assert "max_batch_size: Input should be greater than or equal to 1" in result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "stageformer", "serve", "missing.onnx", "--port", str(free_port())],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert "model path 'missing.onnx' does not exist" in result.stderr
     if cuda_really_works(tiny_onnx):
         return  # on a GPU machine --device cuda is valid; the refusal is what is tested elsewhere
     result = subprocess.run(
@@ -94,6 +92,54 @@ def test_invalid_settings_fail_at_start_up_with_a_clear_message(tiny_onnx: Path)
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0 and "--device cuda was asked for" in result.stderr
+
+
+def test_a_model_that_cannot_load_stops_serve_with_one_line_before_it_listens(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 100)
+    bare = tmp_path / "bare.onnx"  # a valid ONNX file that `stageformer export` did not write: no metadata
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["image"], ["logits"])], "bare",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["b", 10])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", 10])]))  # fmt: skip
+    onnx.save(model, str(bare))
+    port = free_port()
+    for path, message in (
+        ("missing.onnx", "model path 'missing.onnx' does not exist"),
+        (str(corrupt), "ONNX Runtime cannot load it"),
+        (str(bare), "metadata 'preprocess' is missing; export the model with `stageformer export`"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "stageformer", "serve", path, "--port", str(port)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("stageformer serve: cannot serve: "), result.stderr
+        assert message in lines[0]
+        assert "Uvicorn running" not in result.stdout + result.stderr  # it never listened
+
+
+def test_every_setting_is_a_flag_with_its_description_and_choices() -> None:
+    from service.cli import add_arguments, settings_from_args
+    from stageformer.cli import build_parser
+
+    serve = argparse.ArgumentParser()
+    add_arguments(serve)
+    flags = {a.dest: a for a in serve._actions}
+    for name, field in Settings.model_fields.items():
+        assert name in flags, f"setting {name} has no flag"
+        assert field.description and field.description in (flags[name].help or ""), name
+        assert f"STAGEFORMER_{name.upper()}" in (flags[name].help or "") or name == "models", name
+    assert flags["device"].choices == ["auto", "cpu", "cuda", "tensorrt"]
+    assert flags["log_level"].choices == ["debug", "info", "warning", "error"]
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--device", "tpu"])
+    args = parser.parse_args(["serve", "a.onnx", "b", "--max-queue-delay-ms", "0.5", "--cors-origins", "x", "y"])
+    settings = settings_from_args(args)
+    assert settings.models == ["a.onnx", "b"] and settings.max_queue_delay_ms == 0.5
+    assert settings.cors_origins == ["x", "y"]
 
 
 def cuda_really_works(onnx_path: Path) -> bool:
