@@ -26,12 +26,19 @@ from PIL import Image, UnidentifiedImageError
 
 from stageformer.core.preprocess import INTERPOLATIONS, PreprocessConfig, normalize, preprocess, stack, to_rgb
 
+from .digits import TRAIN_FONTS, Concat, DrawnDigits, MissingFontsError, Source, TypedDigits, font_files
+from .digits import DigitAugment as DigitAugment  # the digits' augmentation, where it used to be
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 DIGITS = "digits"  # the name of the built-in data set on the command line
 DIGITS_HELD_OUT = 0.2  # fraction of each digit class kept for validation
 DIGITS_SPLIT_SEED = 0  # the held-out split never changes
+DIGITS_DRAWN = 6000  # digits drawn by model.digits.draw_digit in the training split
+DIGITS_DRAWN_SEED = 1  # their shapes and pens: the same drawings every run
+DIGITS_HANDWRITTEN_REPEAT = 4  # how many times an epoch sees each scikit-learn digit (each copy augmented anew)
+DIGITS_TYPED_REPEAT = 2  # how many times an epoch sees each digit of each training font
 
 
 class DataError(ValueError):
@@ -138,72 +145,6 @@ class PhotoAugment:
         return np.asarray(image, dtype=np.uint8)
 
 
-@dataclass(frozen=True)
-class DigitAugment:
-    """Handwriting variation for digits, without flips. Works at ``upscale`` times the input size,
-    then shrinks to it with the preprocessing's filter, as the server shrinks a large photo of a digit:
-    a small random affine (rotation, shear, scale, aspect, position), stroke thickness and sharpness
-    (a random threshold curve on the ink), ink and paper colours, and a little noise.
-    Input: dark ink on light paper; output the same, ``uint8 [S, S, 3]``."""
-
-    config: PreprocessConfig
-    rotate: float = 12.0  # degrees, either way
-    shear: float = 0.25  # horizontal shear factor, either way
-    scale: tuple[float, float] = (0.5, 1.05)  # size of the digit relative to the frame
-    aspect: tuple[float, float] = (0.7, 1.25)  # width / height stretch
-    plain: float = 0.3  # probability of the unaugmented image
-    sharpen: float = 0.7  # probability of the threshold curve (else the ink keeps its soft edges)
-    threshold: tuple[float, float] = (0.15, 0.65)  # its range: low = thick strokes, high = thin ones
-    upscale: int = 3  # working resolution, in multiples of the input size
-
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        size = self.config.image_size
-        gray = image.convert("L")
-        if rng.random() < self.plain:
-            if gray.size != (size, size):
-                gray = gray.resize((size, size), INTERPOLATIONS[self.config.interpolation])
-            return np.asarray(gray.convert("RGB"), dtype=np.uint8)
-        work = size * self.upscale
-        ink = Image.fromarray(255 - np.asarray(gray), mode="L")  # ink bright, so the affine fills with paper
-        ink = ink.resize((work, work), Image.Resampling.BICUBIC)
-        ink = ink.transform((work, work), Image.Transform.AFFINE, self._affine(work, rng), Image.Resampling.BILINEAR)
-        levels = np.arange(256, dtype=np.float64) / 255.0
-        if rng.random() < self.sharpen:  # threshold curve: low threshold = thick strokes, high = thin; steep = crisp
-            threshold, width = rng.uniform(*self.threshold), rng.uniform(0.01, 0.15)
-            levels = 1.0 / (1.0 + np.exp(-(levels - threshold) / width))
-        levels *= rng.uniform(0.6, 1.0)  # ink strength (pencil to marker)
-        ink = ink.point(np.rint(levels * 255).astype(np.uint8).tolist())
-        paper = rng.uniform(185, 255) + rng.uniform(-10, 10, size=3) * (rng.random() < 0.5)  # light, maybe tinted
-        pen = rng.uniform(0, 80) + rng.uniform(-35, 35, size=3) * (rng.random() < 0.5)  # dark, maybe coloured
-        colour = [tuple(int(v) for v in np.clip(np.rint(c), 0, 255)) for c in (pen, paper)]
-        page = Image.composite(Image.new("RGB", ink.size, colour[0]), Image.new("RGB", ink.size, colour[1]), ink)
-        out = np.asarray(page.resize((size, size), INTERPOLATIONS[self.config.interpolation]), dtype=np.uint8)
-        if rng.random() < 0.3:
-            noisy = out.astype(np.float32) + rng.normal(0.0, rng.uniform(2, 10), size=out.shape)
-            out = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
-        return out
-
-    def _affine(self, size: int, rng: np.random.Generator) -> tuple[float, ...]:
-        """Coefficients of the output -> input map that Pillow's AFFINE transform takes."""
-        angle = math.radians(rng.uniform(-self.rotate, self.rotate))
-        shear = rng.uniform(-self.shear, self.shear)
-        scale = rng.uniform(*self.scale)
-        aspect = math.exp(rng.uniform(math.log(self.aspect[0]), math.log(self.aspect[1])))
-        sx, sy = scale * math.sqrt(aspect), scale / math.sqrt(aspect)
-        room = max(0.0, 1.0 - scale) * size / 2  # keep the digit inside the frame, roughly
-        tx, ty = rng.uniform(-room, room) + rng.normal(0, 0.5), rng.uniform(-room, room) + rng.normal(0, 0.5)
-        cos, sin = math.cos(angle), math.sin(angle)
-        # forward: p' = R @ S @ H @ (p - c) + c + t, with shear H = [[1, shear], [0, 1]], S = diag(sx, sy)
-        a, b = cos * sx, cos * sx * shear - sin * sy
-        c, d = sin * sx, sin * sx * shear + cos * sy
-        det = a * d - b * c
-        ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
-        center = size / 2
-        ox, oy = center + tx, center + ty
-        # inverse: p = M^-1 @ (p' - o) + c
-        return (ia, ib, center - ia * ox - ib * oy, ic, id_, center - ic * ox - id_ * oy)
-
-
 # --- the torch data set and batches ---------------------------------------------------------------
 
 
@@ -300,21 +241,41 @@ def digits_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held_out))
 
 
-def load_digits(config: PreprocessConfig) -> DataSplits:
-    """scikit-learn's 1,797 handwritten digits (8x8, 17 gray levels) as dark ink on light paper, upscaled
-    to the model's input size; 20% of each class held out for validation, the same split every time."""
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits: images (N, 8, 8) with values 0..16, and labels (N,)."""
     try:
-        from sklearn.datasets import load_digits as sklearn_digits
+        from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError as exc:
         raise DataError(
             "the digits data set needs scikit-learn: pip install 'stageformer[train]' (or scikit-learn)"
         ) from exc
-    bunch = sklearn_digits()
-    images, labels = np.asarray(bunch.images), np.asarray(bunch.target)
+    bunch = sklearn_load_digits()
+    return np.asarray(bunch.images), np.asarray(bunch.target)
+
+
+def load_digits(config: PreprocessConfig) -> DataSplits:
+    """The demo's digits. Training: scikit-learn's handwritten digits (80% of each class), every digit
+    typed in the training fonts (``model.digits.TRAIN_FONTS``, Debian font packages), and
+    ``DIGITS_DRAWN`` digits drawn as pen strokes, the first two repeated within an epoch; all augmented
+    by ``model.digits.DigitAugment`` into pictures as people send them. Validation: the other 20% of
+    scikit-learn's digits as dark ink on light paper at the model's input size, the same split every time."""
+    images, labels = sklearn_digits()
     train, held_out = digits_split(labels)
     size = config.image_size
+    try:
+        fonts = font_files(TRAIN_FONTS)
+    except MissingFontsError as exc:
+        raise DataError(str(exc)) from exc
+    handwritten = DigitsSource(images[train], labels[train], size)
+    typed = TypedDigits(fonts)
+    drawn = DrawnDigits(DIGITS_DRAWN, DIGITS_DRAWN_SEED)
+    parts: list[Source] = [handwritten] * DIGITS_HANDWRITTEN_REPEAT + [typed] * DIGITS_TYPED_REPEAT + [drawn]
+    log.info(
+        "digits: %d handwritten x %d, %d typed (%d fonts) x %d, %d drawn",
+        len(handwritten), DIGITS_HANDWRITTEN_REPEAT, len(typed), len(fonts), DIGITS_TYPED_REPEAT, len(drawn),
+    )  # fmt: skip
     return DataSplits(
-        DigitsSource(images[train], labels[train], size),
+        Concat(parts),
         DigitsSource(images[held_out], labels[held_out], size),
         [str(i) for i in range(10)],
         DigitAugment(config),

@@ -1,0 +1,201 @@
+"""Polarity and framing of the demo's digits: learned from augmentation, or normalised in the graph?
+
+Trains the ``digits`` preset on the ``digits`` data several ways, with the same data, seed and
+schedule, and compares them on the held-out sets of ``model.digits_eval``:
+
+- ``augment``: the model alone; light-on-dark digits and digits of any size and place in the
+  picture are in the training data (``model.digits.DigitAugment``), so the model learns them.
+- ``polarity``: a ``PolarityNorm`` in front of the model turns light-on-dark input into dark-on-light.
+- ``framing``: a ``FramingNorm`` in front of the model cuts the ink's bounding box out of the input
+  and scales it to fill the frame.
+
+Both modules work on the model's input tensor, so they would sit in the exported ONNX graph (its ops:
+reductions, comparisons, ``GridSample``); nothing changes on the server. Run::
+
+    python -m model.digits_study --out runs/digits-study --epochs 16
+
+It writes ``results.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from stageformer.core.preprocess import PreprocessConfig, normalize
+
+from .data import Collate, EpochSampler, ImageDataset, load_data
+from .digits_eval import Case, accuracy_by_source, held_out_cases, predictions, typed_cases
+from .hierarchical import Classifier
+from .presets import get_preset
+
+log = logging.getLogger(__name__)
+
+SMALL = (0.28, 0.45)  # font size of the small typed digits, of the picture's side (the digit: about 20-30%)
+
+
+def _ring_mean(gray: Tensor) -> Tensor:
+    """Mean of the outermost pixels of each image of ``gray`` (B, H, W): the background, as a rule."""
+    ring = torch.cat([gray[:, 0], gray[:, -1], gray[:, 1:-1, 0], gray[:, 1:-1, -1]], dim=1)
+    return ring.mean(dim=1)
+
+
+class PolarityNorm(nn.Module):
+    """Light ink on a dark ground -> dark on light, by negating the normalised input (mean 0.5 and
+    std 0.5 make ``255 - v`` exactly ``-x``) when the border is darker than the image as a whole."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gray = x.mean(dim=1)
+        flip = _ring_mean(gray) < gray.mean(dim=(1, 2))
+        return torch.where(flip[:, None, None, None], -x, x)
+
+
+class FramingNorm(nn.Module):
+    """Cut out the ink's bounding box (pixels differing from the border's mean by over half the largest
+    difference), widen it to a square with a margin, and resample it to the full input (bilinear)."""
+
+    def __init__(self, margin: float = 1.25, smallest: float = 6.0) -> None:
+        super().__init__()
+        self.margin, self.smallest = margin, smallest
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        gray = x.mean(dim=1)
+        ground = _ring_mean(gray)
+        ink = (gray - ground[:, None, None]).abs()
+        mask = ink > 0.5 * ink.amax(dim=(1, 2), keepdim=True).clamp_min(1e-3)
+        top, bottom = _extent(mask.any(dim=2))
+        left, right = _extent(mask.any(dim=1))
+        side = torch.maximum(bottom - top, right - left).mul(self.margin).clamp_min(self.smallest)
+        cy, cx = (top + bottom) / 2, (left + right) / 2
+        theta = torch.zeros(b, 2, 3, dtype=x.dtype, device=x.device)
+        theta[:, 0, 0], theta[:, 1, 1] = side / w, side / h
+        theta[:, 0, 2], theta[:, 1, 2] = 2 * cx / w - 1, 2 * cy / h - 1
+        grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
+        shifted = x - ground[:, None, None, None]
+        return F.grid_sample(shifted, grid, align_corners=False) + ground[:, None, None, None]
+
+
+def _extent(hit: Tensor) -> tuple[Tensor, Tensor]:
+    """First index and one past the last index where ``hit`` (B, N) is true; the whole range when none is."""
+    n = hit.shape[1]
+    index = torch.arange(n, device=hit.device, dtype=torch.float32).expand_as(hit)
+    first = torch.where(hit, index, torch.full_like(index, n)).amin(dim=1)
+    last = torch.where(hit, index, torch.full_like(index, -1)).amax(dim=1) + 1
+    empty = ~hit.any(dim=1)
+    return torch.where(empty, torch.zeros_like(first), first), torch.where(empty, torch.full_like(last, n), last)
+
+
+VARIANTS: dict[str, Callable[[], nn.Module]] = {
+    "augment": nn.Identity,
+    "polarity": PolarityNorm,
+    "framing": FramingNorm,
+}
+
+
+def _learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup, then cosine decay to 1% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_variant(name: str, args: argparse.Namespace, config: PreprocessConfig) -> nn.Module:
+    """The preset with the variant's module in front, trained on the digits; returned in eval mode."""
+    torch.manual_seed(args.seed)
+    model = nn.Sequential(VARIANTS[name](), Classifier(get_preset("digits").config))
+    splits = load_data("digits", config)
+    data = ImageDataset(splits.train, config, splits.augment, seed=args.seed)
+    sampler = EpochSampler(DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=args.seed))
+    loader = DataLoader(
+        data, args.batch_size, sampler=sampler, num_workers=1, collate_fn=Collate(config), persistent_workers=True
+    )
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}])
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    total, warmup, step = args.epochs * len(loader), len(loader), 0
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        started, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for images, labels in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(step, total, warmup, args.lr)
+            loss = criterion(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step, loss_sum, seen = step + 1, loss_sum + loss.item() * len(labels), seen + len(labels)
+        log.info("%s: epoch %d/%d loss %.4f (%.0f s)", name, epoch + 1, args.epochs, loss_sum / seen,
+                 time.perf_counter() - started)  # fmt: skip
+    return model.eval()
+
+
+def study_cases(config: PreprocessConfig) -> list[Case]:
+    """The held-out sets, plus every held-out font's digits typed small (a fifth to a third of the picture)."""
+    return held_out_cases(config) + typed_cases(seed=7, size=SMALL, source="typed-small")
+
+
+def score(model: nn.Module, cases: list[Case], config: PreprocessConfig) -> dict[str, float]:
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(normalize(pixels, config))).argmax(dim=1).numpy()
+
+    return accuracy_by_source(cases, predictions(predict, cases, config))
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per variant, one column per held-out set, accuracy in percent."""
+    columns = sorted({k for r in results.values() for k in r["accuracy"]})
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, result in results.items():
+        cells = [f"{100 * result['accuracy'][c]:.1f}" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.digits_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    config = get_preset("digits").preprocess
+    cases = study_cases(config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.variants.split(","):
+        started = time.perf_counter()
+        model = train_variant(name, args, config)
+        seconds = time.perf_counter() - started
+        results[name] = {"accuracy": score(model, cases, config), "train_seconds": round(seconds, 1)}
+        torch.save(model.state_dict(), args.out / f"{name}.pt")
+        (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        log.info("%s done in %.0f s", name, seconds)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
