@@ -23,6 +23,7 @@ from bench.images import load_images
 from bench.loadgen import LoadPlan, run_level
 from bench.runner import BENCH_DIR
 from bench.workloads import WORKLOADS, export_workload, pick_workloads
+from stageformer.local import free_port
 
 
 def top_frames(collapsed: str, count: int = 25) -> list[tuple[str, float]]:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     images = load_images(8)
     info, pixels = servers.model_inputs(onnx_path, images)
     server = servers.SERVERS[args.system]
-    port = servers.free_port()
+    port = free_port()
     batch_log = cache / "logs" / "profile-batches.txt"
     argv_, health = servers.start_command(server, onnx_path, port, args.serve_arg, batch_log)
     process = servers.ServerProcess(server, argv_, port, health, cache / "logs" / "profile-server.log")

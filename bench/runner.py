@@ -18,6 +18,7 @@ from bench import engine, machine, servers
 from bench.images import ImageSet, load_images
 from bench.loadgen import LevelResult, LoadPlan, merge, run_level
 from bench.workloads import Workload, export_workload, pick_workloads
+from stageformer.local import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class Run:
             on_round(round_)
             for server in kinds[round_ % len(kinds) :] + kinds[: round_ % len(kinds)]:
                 mine = [s for s in systems if servers.SERVERS[s] == server]
-                port = servers.free_port()
+                port = free_port()
                 batch_log = logs / f"{workload.preset}-{server}-batches.txt"
                 batch_log.write_text("")
                 argv, health = servers.start_command(server, onnx_path, port, list(config.serve_args), batch_log)

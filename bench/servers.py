@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from bench.images import ImageSet
 from bench.loadgen import Request, get, multipart_request
+from stageformer.local import NotReadyError, wait_until_ready
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,13 +43,6 @@ SERVERS = {OURS_V1: "stageformer", OURS_V2: "stageformer", PLAIN: "plain", LITSE
 
 class ServerError(RuntimeError):
     """A server process did not start or died; the message carries the end of its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def litserve_available() -> bool:
@@ -85,19 +77,19 @@ class ServerProcess:
                 env={**os.environ, **self.env},
                 start_new_session=True,  # its own process group: stop() ends the workers it spawns too
             )
-        deadline = started + timeout_s
-        while time.perf_counter() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"{self.name} exited with status {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                status, _ = asyncio.run(get(HOST, self.port, self.health_path, timeout_s=2.0))
-                if status == 200:
-                    return time.perf_counter() - started
-            except (OSError, TimeoutError, asyncio.IncompleteReadError):
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise ServerError(f"{self.name} was not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
+        process = self.process
+
+        def died() -> str | None:
+            code = process.poll()
+            return None if code is None else f"it exited with status {code}"
+
+        try:
+            wait_until_ready(self.port, died=died, timeout_s=timeout_s, path=self.health_path, host=HOST,
+                             interval_s=0.25)  # fmt: skip
+        except NotReadyError as exc:
+            self.stop()
+            raise ServerError(f"{self.name} was not ready: {exc}\n{self.log_tail()}") from None
+        return time.perf_counter() - started
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM to its process group, SIGKILL after ``timeout_s``."""

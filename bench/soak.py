@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from bench.loadgen import percentile
+from stageformer.local import NotReadyError, free_port, rss_bytes, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,18 +77,8 @@ class Recorder:
             self.samples.append(sample)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    return rss_bytes(pid) / 2**20
 
 
 def fetch_json(port: int, path: str) -> Any:
@@ -100,17 +92,15 @@ def fetch_json(port: int, path: str) -> Any:
 
 
 def wait_ready(port: int, process: subprocess.Popen[bytes] | None, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise SystemExit(f"the server exited with status {process.returncode} before it was ready")
-        try:
-            if fetch_json(port, "/v2/health/ready")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server did not become ready in time")
+    def died() -> str | None:
+        if process is None or process.poll() is None:
+            return None
+        return f"the server exited with status {process.returncode} before it was ready"
+
+    try:
+        wait_until_ready(port, died=died, timeout_s=timeout_s, interval_s=0.2)
+    except NotReadyError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:
@@ -260,10 +250,6 @@ def burst(port: int, call: Call, size: int, pid: int | None) -> dict[str, Any]:
         "rss_after_mib": after,
         "ready_after": status == 200,
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from export.triton import TritonModel, write_repository
 from service.registry import DEMO_MODEL
+from stageformer.local import NotReadyError, free_port, wait_until_ready
 
 from .conftest import DEPLOY, ROOT
 
@@ -74,12 +74,6 @@ def image() -> str:
     return IMAGE
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def container(
     image: str, *args: str, env: dict[str, str] | None = None, volume: str | None = None
@@ -108,17 +102,15 @@ def get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
 
 
 def wait_ready(name: str, port: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if get(port, "/v2/health/ready", timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        if run("inspect", "--format", "{{.State.Running}}", name).stdout.strip() != "true":
-            pytest.fail(f"container exited before it was ready:\n{run('logs', name).stderr}")
-        time.sleep(0.5)
-    pytest.fail(f"not ready after {timeout_s} s:\n{run('logs', name, check=False).stderr}")
+    def died() -> str | None:
+        if run("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true":
+            return None
+        return f"container exited before it was ready:\n{run('logs', name).stderr}"
+
+    try:
+        wait_until_ready(port, died=died, timeout_s=timeout_s, interval_s=0.5)
+    except NotReadyError as exc:
+        pytest.fail(f"{exc}\n{run('logs', name, check=False).stderr}")
 
 
 def drawn_zero() -> bytes:

@@ -7,7 +7,6 @@ import dataclasses
 import io
 import itertools
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +43,7 @@ from model.train import (
 from stageformer.core import recipes
 from stageformer.core.preprocess import PreprocessConfig, normalize, preprocess, stack
 from stageformer.core.recipes import Recipe
+from stageformer.local import free_port
 from stageformer.train_args import add_arguments
 
 REPO = Path(__file__).resolve().parents[2]
@@ -229,9 +229,7 @@ def test_init_replaces_the_head_when_the_classes_differ(tmp_path: Path, folder: 
 
 
 def test_distributed_training_with_torchrun(tmp_path: Path, folder: Path) -> None:
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # for the rendezvous
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",

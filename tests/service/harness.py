@@ -28,6 +28,7 @@ from service.pipeline import ModelPipeline
 from service.server import uvicorn_config
 from service.settings import Settings
 from service.state import AppState
+from stageformer.local import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -227,12 +228,6 @@ def metric(text: str, name: str, **labels: str) -> float:
 # --- a server process, as users run it -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def server_process(*args: str, **env: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """``stageformer serve ARGS`` on a free port, ready; killed at the end if still running."""
@@ -244,33 +239,17 @@ def server_process(*args: str, **env: str) -> Iterator[tuple[int, subprocess.Pop
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+    def died() -> str | None:
+        if process.poll() is None:
+            return None
+        assert process.stderr is not None
+        return f"server exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}"
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                assert process.stderr is not None
-                raise AssertionError(
-                    f"server exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}"
-                )
-            try:
-                if request(port, "GET", "/v2/health/ready", timeout_s=1).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("the server did not become ready in time")
-            time.sleep(0.1)
+        wait_until_ready(port, died=died, timeout_s=60)
         yield port, process
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (Linux /proc)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")

@@ -10,13 +10,12 @@ import onnxruntime as ort
 import pytest
 
 from service.runtime import OnnxModel
+from stageformer.core.cuda import cuda_provider_works
 
-
-def cuda_works() -> bool:
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-needs_cuda = pytest.mark.skipif(not cuda_works(), reason="no CUDA execution provider in this ONNX Runtime build")
+needs_cuda = pytest.mark.skipif(
+    not cuda_provider_works(),
+    reason=f"ONNX Runtime cannot run CUDA here (providers listed: {', '.join(ort.get_available_providers())})",
+)
 
 
 def _inputs(n: int) -> np.ndarray:

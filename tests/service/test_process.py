@@ -15,8 +15,10 @@ import onnxruntime as ort
 import pytest
 
 from service.settings import Settings
+from stageformer.core.cuda import cuda_provider_works
+from stageformer.local import free_port
 
-from .harness import ROOT, free_port, server_process
+from .harness import ROOT, server_process
 
 
 def classify(port: int, data: bytes) -> tuple[int, dict]:
@@ -35,6 +37,7 @@ def test_serving_imports_no_torch(tiny_onnx: Path) -> None:
 import asyncio, sys, httpx
 from service import create_app
 from service.settings import Settings
+from stageformer.core.cuda import cuda_provider_works
 
 async def main():
     app = create_app(Settings(models=[{str(tiny_onnx)!r}]))
@@ -85,7 +88,7 @@ def test_invalid_settings_fail_at_start_up_with_a_clear_message(tiny_onnx: Path)
     )  # fmt: skip
     assert result.returncode == 2
     assert "max_batch_size: Input should be greater than or equal to 1" in result.stderr
-    if cuda_really_works(tiny_onnx):
+    if cuda_provider_works():
         return  # on a GPU machine --device cuda is valid; the refusal is what is tested elsewhere
     result = subprocess.run(
         [sys.executable, "-m", "stageformer", "serve", str(tiny_onnx), "--device", "cuda", "--port", str(free_port())],
@@ -140,15 +143,6 @@ def test_every_setting_is_a_flag_with_its_description_and_choices() -> None:
     settings = settings_from_args(args)
     assert settings.models == ["a.onnx", "b"] and settings.max_queue_delay_ms == 0.5
     assert settings.cors_origins == ["x", "y"]
-
-
-def cuda_really_works(onnx_path: Path) -> bool:
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CUDAExecutionProvider"])
-    return session.get_providers()[0] == "CUDAExecutionProvider"
 
 
 def test_log_level_before_the_subcommand_reaches_serve_and_serve_s_own_flag_wins() -> None:
