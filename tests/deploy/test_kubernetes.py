@@ -53,7 +53,8 @@ def resources() -> dict[str, dict[str, Any]]:
         for doc in load_documents(path):
             assert doc["kind"] not in found, f"two {doc['kind']}s"
             found[doc["kind"]] = doc
-    assert set(found) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
+    kinds = {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim", "Ingress"}
+    assert set(found) == kinds
     return found
 
 
@@ -132,3 +133,21 @@ def test_service_and_autoscaler_point_at_the_deployment(resources) -> None:
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert "cpu" in container["resources"]["requests"], "CPU utilization needs a CPU request"
+
+
+def test_the_ingress_stops_slow_and_oversized_requests_at_the_edge(resources, monkeypatch) -> None:
+    settings = settings_from(resources["ConfigMap"], monkeypatch)
+    ingress = resources["Ingress"]
+    notes = ingress["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert notes[prefix + "proxy-request-buffering"] == "on"  # nginx holds slow uploads, not the pods
+    size = notes[prefix + "proxy-body-size"]
+    assert size.endswith("m") and int(size[:-1]) * 2**20 == settings.max_body_bytes
+    for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(notes[prefix + timeout]) > settings.request_timeout_s, timeout
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    service = resources["Service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
