@@ -1,5 +1,7 @@
-"""The ``stageformer`` command. Every subcommand's options are declared here; the work is done in the
-package that owns it, imported only when that subcommand runs (``serve`` never imports torch)."""
+"""The ``stageformer`` command: one argparse parser with a subcommand per job. Each subcommand's options come
+from the package that owns the job, through a torch-free module (``export.cli``, ``stageformer.train_args``,
+``service.cli``, which makes one flag per server setting); the work itself is imported only when its
+subcommand runs, so ``serve`` never imports torch."""
 
 from __future__ import annotations
 
