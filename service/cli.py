@@ -46,7 +46,7 @@ def _flag_options(name: str, field: FieldInfo) -> dict[str, Any]:
     shown = "none" if default in (None, []) else default
     options: dict[str, Any] = {
         "dest": name,
-        "help": f"{field.description} (env STAGEFORMER_{name.upper()}; default {shown})",
+        "help": f"{field.description} (env STAGEFORMER_{name.upper()}; default {shown})".replace("%", "%%"),
     }
     choices = _choices(field.annotation)
     if choices is not None:

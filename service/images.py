@@ -18,7 +18,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stageformer.core.preprocess import PreprocessConfig, preprocess
+from stageformer.core.preprocess import PreprocessConfig, preprocess, reduce_while_decoding
 
 from .errors import Kind, ServiceError, bad_input, too_large
 
@@ -102,8 +102,12 @@ def resized_pixels(width: int, height: int, config: PreprocessConfig) -> int:
     return max(short, round(width * scale)) * max(short, round(height * scale))
 
 
-def prepare(data: bytes, config: PreprocessConfig, max_pixels: int, what: str = "image") -> np.ndarray:
-    """Bytes -> model-ready ``uint8 [H, W, 3]`` pixels via the shared preprocessing function."""
+def prepare(
+    data: bytes, config: PreprocessConfig, max_pixels: int, what: str = "image", oversample: float | None = None
+) -> np.ndarray:
+    """Bytes -> model-ready ``uint8 [H, W, 3]`` pixels via the shared preprocessing function. With
+    ``oversample``, a large JPEG is decoded at a reduced scale first (``reduce_while_decoding``); without, every
+    pixel is decoded (the exact path, bit-identical to training's evaluation)."""
     image = open_image(data, max_pixels, what)
     width, height = image.size
     resized = resized_pixels(width, height, config)
@@ -113,6 +117,8 @@ def prepare(data: bytes, config: PreprocessConfig, max_pixels: int, what: str = 
             f"{what} is {width}x{height}, too elongated: resizing its short side to {config.resize_size} pixels would "
             f"make {resized:,} pixels (limit {max_pixels:,}); crop it to a side ratio of at most {ratio}:1 first",
         )
+    if oversample is not None:
+        image = reduce_while_decoding(image, config, oversample)
     image = load_image(image, data, what)
     try:
         return preprocess(image, config)

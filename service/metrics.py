@@ -40,6 +40,9 @@ class Metrics:
         self.inference_failures = Counter(
             "stageformer_inference_failures", "failed inference calls", ["model"], registry=r
         )
+        self.max_batch_size = Gauge(
+            "stageformer_max_batch_size", "largest batch of one inference call (measured or set)", ["model"], registry=r
+        )
         self.model_load_seconds = Gauge(
             "stageformer_model_load_seconds", "time to load and warm up a model", ["model"], registry=r
         )

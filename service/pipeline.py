@@ -46,6 +46,7 @@ class Limits:
     max_images: int  # images (batch rows) per request
     max_image_pixels: int  # width x height of one uploaded image, read from its header
     request_timeout_s: float  # longest wait for inference
+    decode_oversample: float | None = None  # reduced-scale JPEG decoding down to this multiple (None: exact)
 
 
 class Ticket:
@@ -142,7 +143,13 @@ class ModelPipeline:
         loop = asyncio.get_running_loop()
         jobs = [
             loop.run_in_executor(
-                self.decode_pool, prepare, data, info.preprocess, self.limits.max_image_pixels, f"image {name or i}"
+                self.decode_pool,
+                prepare,
+                data,
+                info.preprocess,
+                self.limits.max_image_pixels,
+                f"image {name or i}",
+                self.limits.decode_oversample,
             )
             for i, (name, data) in enumerate(images)
         ]

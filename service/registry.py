@@ -12,7 +12,7 @@ from .batcher import Batcher, BatchStats
 from .errors import not_found
 from .metrics import Metrics
 from .pipeline import Limits, ModelPipeline
-from .runtime import ModelLoadError, OnnxModel
+from .runtime import ModelLoadError, OnnxModel, choose_batch_size
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -63,39 +63,14 @@ class ModelRegistry:
         models: dict[str, ModelPipeline], settings: Settings, metrics: Metrics, decode_pool: Executor
     ) -> None:
         for path in find_model_files(settings.models):
-            started = time.perf_counter()
-            name = path.parent.parent.name if path.name == "model.onnx" and path.parent.name.isdigit() else None
-            runtime = OnnxModel(
-                path,
-                device=settings.device,
-                instances=settings.instances,
-                threads=settings.threads,
-                max_batch_size=settings.max_batch_size,
-                trt_cache_dir=settings.trt_cache_dir,
-                name=name,
-            )
-            if runtime.info.name in models:
+            model = load_model(path, settings, metrics, decode_pool)
+            if model.name in models:
+                model.batcher.close()
                 raise ModelLoadError(
-                    f"two models are named {runtime.info.name!r} ({models[runtime.info.name].info.path} and {path}); "
+                    f"two models are named {model.name!r} ({models[model.name].info.path} and {path}); "
                     "rename one file or export it with --name"
                 )
-            sizes = runtime.warm_up()
-            batcher = Batcher(
-                runtime.run,
-                max_batch_size=settings.max_batch_size,
-                max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-                max_queue_size=settings.max_queue_size,
-                instances=settings.instances,
-                name=runtime.info.name,
-                observer=_observer(metrics, runtime.info.name),
-            )
-            limits = Limits(settings.max_images, settings.max_image_pixels, settings.request_timeout_s)
-            models[runtime.info.name] = ModelPipeline(runtime, batcher, limits, metrics, decode_pool)
-            seconds = time.perf_counter() - started
-            metrics.model_load_seconds.labels(runtime.info.name).set(seconds)
-            logger.info(
-                "loaded %r from %s in %.2f s (warmed up at batch sizes %s)", runtime.info.name, path, seconds, sizes
-            )
+            models[model.name] = model
 
     def get(self, name: str | None) -> ModelPipeline | None:
         return self.models.get(name or self.default)
@@ -119,6 +94,41 @@ class ModelRegistry:
     def close(self, timeout_s: float | None = None) -> None:
         for model in self.models.values():
             model.batcher.close(timeout_s)
+
+
+def load_model(path: Path, settings: Settings, metrics: Metrics, decode_pool: Executor) -> ModelPipeline:
+    """One model file, loaded, its batch size chosen (``max_batch_size`` auto: by measurement), warmed up and
+    put behind its own batcher. A Triton-style ``NAME/1/model.onnx`` is called NAME."""
+    started = time.perf_counter()
+    name = path.parent.parent.name if path.name == "model.onnx" and path.parent.name.isdigit() else None
+    runtime = OnnxModel(path, device=settings.device, instances=settings.instances, threads=settings.threads,
+                        trt_cache_dir=settings.trt_cache_dir, name=name)  # fmt: skip
+    if settings.max_batch_size == "auto":
+        throughput = runtime.measure_batch_sizes(settings.auto_batch_limit, settings.auto_batch_budget_s)
+        size = choose_batch_size(throughput)
+        rates = ", ".join(f"{b}: {r:.1f}" for b, r in throughput.items())
+        logger.info("model %r: batch size %d chosen from images/s by batch size {%s}", runtime.info.name, size, rates)
+    else:
+        size = settings.max_batch_size
+    runtime.set_max_batch_size(size)
+    sizes = runtime.warm_up()
+    batcher = Batcher(
+        runtime.run,
+        max_batch_size=size,
+        max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+        max_queue_size=settings.max_queue_size,
+        instances=settings.instances,
+        name=runtime.info.name,
+        observer=_observer(metrics, runtime.info.name),
+    )
+    oversample = settings.decode_oversample if settings.decode == "fast" else None
+    limits = Limits(settings.max_images, settings.max_image_pixels, settings.request_timeout_s, oversample)
+    model = ModelPipeline(runtime, batcher, limits, metrics, decode_pool)
+    seconds = time.perf_counter() - started
+    metrics.model_load_seconds.labels(model.name).set(seconds)
+    metrics.max_batch_size.labels(model.name).set(size)
+    logger.info("loaded %r from %s in %.2f s (warmed up at batch sizes %s)", model.name, path, seconds, sizes)
+    return model
 
 
 def _observer(metrics: Metrics, name: str) -> Callable[[BatchStats], None]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,19 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return [*sizes, max_batch_size]
 
 
+def powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... up to ``limit``."""
+    return [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
+
+
+def choose_batch_size(throughput: dict[int, float], tolerance: float = 0.05) -> int:
+    """The smallest batch size whose images/s is within ``tolerance`` of the best measured: as fast as the
+    fastest, with the least latency. Never one slower per image than batch 1 (if batch 1 is within the
+    tolerance, it is chosen)."""
+    best = max(throughput.values())
+    return min(size for size, rate in throughput.items() if rate >= (1.0 - tolerance) * best)
+
+
 def _cuda_works(providers: list[str]) -> bool:
     return bool(providers) and providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -121,7 +136,7 @@ class OnnxModel:
         device: str = "auto",
         instances: int = 1,
         threads: int = 0,
-        max_batch_size: int = 16,
+        max_batch_size: int = 1,
         trt_cache_dir: str = ".trt_cache",
         name: str | None = None,
     ) -> None:
@@ -159,7 +174,41 @@ class OnnxModel:
         self.on_gpu = _cuda_works(active)
         self.info = read_model_info(self.path, self.sessions[0], name)
         self.buckets = batch_buckets(max_batch_size) if self.on_gpu else []
+        self.batch_throughput: dict[int, float] = {}  # images/s per batch size, when measured
         logger.info("model %r runs on %s (%d instance(s))", self.info.name, self.provider, instances)
+
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        """The largest batch this model will be given (and, on GPUs, its buckets)."""
+        self.max_batch_size = max_batch_size
+        self.buckets = batch_buckets(max_batch_size) if self.on_gpu else []
+
+    def measure_batch_sizes(self, limit: int, budget_s: float) -> dict[int, float]:
+        """Images per second of one session at each power-of-two batch size up to ``limit``, within about
+        ``budget_s`` seconds: each size gets an untimed run, then timed runs (at least two) until its share of
+        the budget is spent; the median run counts. Sizes are tried in increasing order and the measurement
+        stops early when one more size would overrun the budget (those sizes are then not candidates)."""
+        sizes = powers_of_two(limit)
+        share = budget_s / len(sizes)
+        started = time.perf_counter()
+        throughput: dict[int, float] = {}
+        for size in sizes:
+            batch = np.zeros((size, *self.info.sample_shape), dtype=self.info.input_dtype)
+            first = time.perf_counter()
+            self._run_exact(batch)
+            if throughput and time.perf_counter() - started + 2 * (time.perf_counter() - first) > budget_s:
+                break  # the timed runs of this size would not fit
+            runs: list[float] = []
+            while len(runs) < 2 or (sum(runs) < share and len(runs) < 20):
+                tick = time.perf_counter()
+                self._run_exact(batch)
+                runs.append(time.perf_counter() - tick)
+            throughput[size] = size / statistics.median(runs)
+        self.batch_throughput = throughput
+        return throughput
+
+    def _run_exact(self, batch: np.ndarray) -> np.ndarray:
+        """One inference call at exactly this batch size (no bucket padding), for measuring."""
+        return np.asarray(self.sessions[0].run([self.info.output_name], {self.info.input_name: batch})[0])
 
     @staticmethod
     def _providers(device: str, trt_cache_dir: str, max_batch_size: int) -> list[Any]:

@@ -26,7 +26,15 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(None, description="model answering /v1/classify; default: the first one")
     device: Device = Field("auto", description="auto (CUDA when it really starts, else CPU), cpu, cuda or tensorrt")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="largest batch one inference call runs")
+    max_batch_size: int | Literal["auto"] = Field(
+        "auto",
+        description="largest batch one inference call runs; auto: the smallest power of two within 5% of the "
+        "best images/s, measured per model at start-up",
+    )
+    auto_batch_limit: int = Field(64, ge=1, le=1024, description="with --max-batch-size auto, the largest size tried")
+    auto_batch_budget_s: float = Field(
+        4.0, gt=0.0, le=120.0, description="with --max-batch-size auto, the seconds per model the measurement may take"
+    )
     max_queue_delay_ms: float = Field(
         2.0, ge=0.0, le=10_000.0, description="how long a batch waits for more requests after its first one"
     )
@@ -37,6 +45,17 @@ class Settings(BaseSettings):
     )
     instances: int = Field(1, ge=1, le=64, description="ONNX Runtime sessions per model, each with its own thread")
     threads: int = Field(0, ge=0, description="intra-op threads per session; 0 lets ONNX Runtime decide")
+    decode: Literal["fast", "exact"] = Field(
+        "fast",
+        description="fast: decode large JPEGs at a reduced scale, down to --decode-oversample times the model's "
+        "resize target; exact: decode every pixel, bit-identical to training's preprocessing",
+    )
+    decode_oversample: float = Field(
+        2.0,
+        ge=1.0,
+        le=8.0,
+        description="with --decode fast, the least image size kept, in multiples of the resize target",
+    )
     decode_workers: int = Field(
         0, ge=0, description="threads decoding and preprocessing images; 0: one per CPU, at most 8"
     )
@@ -81,6 +100,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "the API key is empty or blank, which would let anyone in; set a real key or unset STAGEFORMER_API_KEY"
             )
+        return value
+
+    @field_validator("max_batch_size")
+    @classmethod
+    def _batch_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 1024:
+            raise ValueError(f"max_batch_size must be auto or an integer from 1 to 1024, got {value}")
         return value
 
     @model_validator(mode="after")

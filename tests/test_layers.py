@@ -1,4 +1,4 @@
-"""The import graph follows the layers of DESIGN.md: each package imports only those below it.
+"""The import graph follows the project's layers: each package imports only those below it.
 
     stageformer (the CLI)            bench
         service        export

@@ -69,6 +69,10 @@ def model_metadata(model: str, registry: Registry, version: str = "1") -> dict[s
             "preprocess": json.loads(info.preprocess.to_json()),
             "provider": served.runtime.provider,
             "max_batch_size": served.batcher.max_batch_size,
+            "max_batch_size_measured": bool(served.runtime.batch_throughput),
+            "images_per_second_by_batch_size": {
+                str(b): round(r, 1) for b, r in served.runtime.batch_throughput.items()
+            },
             "max_queue_delay_ms": served.batcher.max_queue_delay_s * 1000.0,
         },
     }

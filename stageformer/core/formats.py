@@ -28,6 +28,7 @@ NAME_KEY = "name"  # the model's name (stageformer.core.naming), its URL segment
 INPUT_FORMAT_KEY = "input_format"  # one of INPUT_FORMATS
 PRECISION_KEY = "precision"  # "fp32", "fp16" or "int8"
 PARITY_KEY = "parity"  # JSON figures of the export's parity gate
+QUANTIZATION_KEY = "quantization"  # int8 files only: JSON of the quantization settings and its agreement gate
 ONNX_REQUIRED_KEYS = (PREPROCESS_KEY, LABELS_KEY)  # what the server cannot serve without
 
 INPUT_NAME = "image"  # the graph's one input

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stageformer.core.preprocess import PreprocessConfig, normalize, preprocess, stack
+from stageformer.core.preprocess import PreprocessConfig, normalize, preprocess, reduce_while_decoding, stack
 
 
 def test_short_side_resize_then_centre_crop() -> None:
@@ -81,3 +81,35 @@ def test_preprocessing_and_the_server_import_no_torch() -> None:
     code = "import sys, stageformer.core.preprocess, service; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def _jpeg(size: tuple[int, int], fmt: str = "JPEG") -> Image.Image:
+    import io
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    pixels = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.float64)
+    pixels += rng.normal(0, 8, pixels.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format=fmt, quality=90)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_keeps_twice_the_resize_target() -> None:
+    config = PreprocessConfig(image_size=32, crop_pct=1.0)
+    image = reduce_while_decoding(_jpeg((1600, 1200)), config, oversample=2.0)
+    image.load()
+    assert image.size == (200, 150)  # 1/8: the short side 150 is still >= 2 x 32
+    exact = preprocess(_jpeg((1600, 1200)), config)
+    fast = preprocess(image, config)
+    mse = np.mean((exact.astype(np.float64) - fast.astype(np.float64)) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 30  # close to the exact path, not equal
+    wider = reduce_while_decoding(_jpeg((1600, 1200)), config, oversample=8.0)
+    assert wider.size == (400, 300)  # 1/4 keeps the short side >= 8 x 32 = 256; 1/8 would not
+
+
+def test_what_cannot_or_need_not_be_reduced_is_left_alone() -> None:
+    config = PreprocessConfig(image_size=224, crop_pct=0.875)
+    assert reduce_while_decoding(_jpeg((640, 480)), config).size == (640, 480)  # 480 < 2 x 2 x 256
+    small = PreprocessConfig(image_size=32)
+    assert reduce_while_decoding(_jpeg((1600, 1200), "PNG"), small).size == (1600, 1200)  # not a JPEG
