@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from stageformer.core.preprocess import PreprocessConfig, preprocess
 
@@ -316,11 +316,11 @@ def draw_digit(
 def _ink_path(
     draw: ImageDraw.ImageDraw, xy: np.ndarray, radius: float, pressure: float, rng: np.random.Generator
 ) -> None:
-    """A round pen along ``xy``: discs no further apart than a third of their radius, the radius
+    """A round pen along ``xy``: discs no further apart than half their radius, the radius
     swelling and thinning smoothly along the way by up to ``pressure``."""
     steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
     along = np.concatenate([[0.0], np.cumsum(steps)])
-    count = max(2, int(along[-1] / max(radius / 3, 0.3)) + 1)
+    count = max(2, int(along[-1] / max(radius / 2, 0.3)) + 1)
     at = np.linspace(0.0, along[-1], count)
     points = np.stack([np.interp(at, along, xy[:, 0]), np.interp(at, along, xy[:, 1])], axis=1)
     phase, cycles = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 2.0)
@@ -363,7 +363,7 @@ class DigitAugment:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         if rng.random() < self.plain:
             return preprocess(image, self.config)
-        ink = Image.eval(image.convert("L"), lambda v: 255 - v)
+        ink = ImageOps.invert(image.convert("L"))
         side = round(math.exp(rng.uniform(math.log(self.frame[0]), math.log(self.frame[1]))))
         coverage = self.frame_ink(ink, side, rng)
         if rng.random() < self.weight:
@@ -408,12 +408,13 @@ class DigitAugment:
         side = coverage.shape[0]
         paper, pen = colours(rng, inverted=rng.random() < self.invert)
         strength = rng.uniform(0.55, 1.0) if rng.random() < 0.5 else 1.0
-        amount = (coverage * strength)[..., None]
-        picture = paper * (1.0 - amount) + pen * amount
+        amount = (coverage * np.float32(strength))[..., None]
+        picture = paper.astype(np.float32) + (pen - paper).astype(np.float32) * amount
         if rng.random() < self.photo:
             picture = picture * lighting(side, rng)[..., None] + texture(side, rng)[..., None]
         if rng.random() < self.noise:
-            picture = picture + rng.normal(0.0, rng.uniform(2.0, 14.0), size=picture.shape)
+            sigma = np.float32(rng.uniform(2.0, 14.0))
+            picture = picture + rng.standard_normal(picture.shape, dtype=np.float32) * sigma
         image = Image.fromarray(np.clip(np.rint(picture), 0, 255).astype(np.uint8), mode="RGB")
         if rng.random() < self.blur:
             image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.2) * side / 40))
@@ -456,12 +457,16 @@ def colours(rng: np.random.Generator, inverted: bool) -> tuple[np.ndarray, np.nd
 
 def lighting(side: int, rng: np.random.Generator) -> np.ndarray:
     """A light field (side, side) around 1: a gradient across the picture and, sometimes, a soft shadow."""
-    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / max(side - 1, 1) - 0.5
+    axis = np.linspace(-0.5, 0.5, side, dtype=np.float32)
+    y, x = axis[:, None], axis[None, :]
     angle = rng.uniform(0, 2 * math.pi)
-    field = 1.0 + rng.uniform(0.05, 0.45) * (x * math.cos(angle) + y * math.sin(angle))
+    field = 1.0 + np.float32(rng.uniform(0.05, 0.45)) * (
+        x * np.float32(math.cos(angle)) + y * np.float32(math.sin(angle))
+    )
     if rng.random() < 0.4:
-        cx, cy, r = rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.2, 0.6)
-        field = field * (1.0 - rng.uniform(0.1, 0.4) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r)))
+        cx, cy, r = (np.float32(v) for v in (rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.2, 0.6)))
+        shadow = np.float32(rng.uniform(0.1, 0.4)) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
+        field = field * (1.0 - shadow)
     return field.astype(np.float32)
 
 

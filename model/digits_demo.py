@@ -159,7 +159,7 @@ def samples(seed: int = 5) -> list[Sample]:
 
     rng = np.random.default_rng(seed)
     ink = draw_digit(4, rng, {4: HELD_OUT_HAND[4][1:2]}, PHOTO_PEN, size=160)
-    photo = photograph(ink, rng).resize((128, 128), Image.Resampling.LANCZOS)
+    photo = Image.open(io.BytesIO(photograph(ink, rng))).resize((128, 128), Image.Resampling.LANCZOS)
     font = next(f for f in font_files(HELD_OUT_FONTS) if f.name == "Roboto-Bold.ttf")
     typed = typed_case(font, 5, rng, inverted=True, size=(0.75, 0.75)).resize((96, 96), Image.Resampling.LANCZOS)
     drawing = canvas_drawing(HELD_OUT_HAND[2][0], rng, inverted=False).resize((128, 128), Image.Resampling.LANCZOS)

@@ -11,8 +11,9 @@
 - ``photo``: the same held-out shapes written with a pen on paper and photographed: tilted, uneven
   light, a shadow, grain, defocus, noise and JPEG.
 
-Each picture goes through the server's ``preprocess`` before the model sees it; nothing is random
-except through seeded generators, so the figures are the same on every run.
+Each picture reaches the model as it would through ``stageformer serve``: a JPEG decoded as the server
+decodes it by default (at a reduced scale when large, ``reduce_while_decoding``), then the server's
+``preprocess``. Nothing is random except through seeded generators, so the figures are the same on every run.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from stageformer.core.preprocess import PreprocessConfig, preprocess, stack
+from stageformer.core.preprocess import PreprocessConfig, preprocess, reduce_while_decoding, stack
 
 from .digits import HELD_OUT_FONTS, Hand, Pen, Shape, arc, draw_digit, font_files, polyline, stroke, trace
 
 SOURCES = ("sklearn", "typed", "drawn", "photo")
 SEED = 20_240_601  # of every held-out set; the training recipe never uses it
+SERVER_OVERSAMPLE = 2.0  # stageformer serve's default decoding: --decode fast, --decode-oversample 2
 
 # A second hand, for testing only: each digit in two or three shapes, unit square, y downwards.
 HELD_OUT_HAND: Hand = {
@@ -86,12 +88,23 @@ HELD_OUT_HAND: Hand = {
 
 @dataclass(frozen=True)
 class Case:
-    """One held-out picture: its source, its digit, whether it is light ink on a dark ground."""
+    """One held-out picture: its source, its digit, whether it is light ink on a dark ground, and for a
+    JPEG the file's bytes (which the server may decode at a reduced scale)."""
 
     source: str
     label: int
     image: Image.Image
     inverted: bool = False
+    jpeg: bytes | None = None
+
+    def pixels(self, config: PreprocessConfig, oversample: float | None = SERVER_OVERSAMPLE) -> np.ndarray:
+        """What the model is given of this picture by the server: ``uint8 [S, S, 3]``. ``oversample=None``
+        is the server's exact decoding (``--decode exact``)."""
+        if self.jpeg is None or oversample is None:
+            return preprocess(self.image, config)
+        image = reduce_while_decoding(Image.open(io.BytesIO(self.jpeg)), config, oversample)
+        image.load()
+        return preprocess(image, config)
 
 
 # --- typed ---------------------------------------------------------------------------------------
@@ -175,11 +188,11 @@ def drawn_cases(per_shape: int = 12, seed: int = SEED) -> list[Case]:
 # --- photographed on paper -------------------------------------------------------------------------
 
 
-def photograph(ink: Image.Image, rng: np.random.Generator) -> Image.Image:
+def photograph(ink: Image.Image, rng: np.random.Generator) -> bytes:
     """A black-on-white digit written on paper and photographed with a phone: a picture of 100 to 260
     pixels, the digit 40% to 80% of it high, tilted by up to 10 degrees; off-white paper, ballpoint
     or pencil, light falling off towards one corner, a shadow's soft edge across part of the page,
-    paper grain, a slightly soft focus, sensor noise and JPEG at quality 60 to 90."""
+    paper grain, a slightly soft focus, sensor noise; the JPEG file (quality 60 to 90)."""
     side = int(rng.integers(100, 261))
     glyph = ink.crop(Image.eval(ink, lambda v: 255 - v).getbbox() or (0, 0, *ink.size))
     height = rng.uniform(0.4, 0.8) * side
@@ -206,7 +219,7 @@ def photograph(ink: Image.Image, rng: np.random.Generator) -> Image.Image:
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0) * side / 150))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=int(rng.integers(60, 91)))
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    return buffer.getvalue()
 
 
 PHOTO_PEN = Pen(slant=0.25, rotate=5.0, wobble=(0.0, 0.03), width=(0.05, 0.11))
@@ -220,7 +233,8 @@ def photo_cases(per_shape: int = 12, seed: int = SEED) -> list[Case]:
         for shape in shapes:
             for _ in range(per_shape):
                 ink = draw_digit(digit, rng, {digit: (shape,)}, PHOTO_PEN, size=160)
-                cases.append(Case("photo", digit, photograph(ink, rng)))
+                jpeg = photograph(ink, rng)
+                cases.append(Case("photo", digit, Image.open(io.BytesIO(jpeg)).convert("RGB"), jpeg=jpeg))
     return cases
 
 
@@ -245,11 +259,18 @@ def held_out_cases(config: PreprocessConfig) -> list[Case]:
 Predict = Callable[[np.ndarray], np.ndarray]  # uint8 [B, H, W, 3] -> predicted class indices [B]
 
 
-def predictions(predict: Predict, cases: Sequence[Case], config: PreprocessConfig, batch: int = 256) -> np.ndarray:
-    """What ``predict`` says of each case, each picture through the server's ``preprocess`` first."""
+def predictions(
+    predict: Predict,
+    cases: Sequence[Case],
+    config: PreprocessConfig,
+    oversample: float | None = SERVER_OVERSAMPLE,
+    batch: int = 256,
+) -> np.ndarray:
+    """What ``predict`` says of each case, each picture decoded and preprocessed as the server does
+    (``Case.pixels``)."""
     out = []
     for start in range(0, len(cases), batch):
-        pixels = stack([preprocess(c.image, config) for c in cases[start : start + batch]])
+        pixels = stack([c.pixels(config, oversample) for c in cases[start : start + batch]])
         out.append(np.asarray(predict(pixels)))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 

@@ -32,7 +32,7 @@ from model.digits import (
     type_digit,
 )
 from model.digits_demo import SAMPLES_JS, samples, samples_script
-from model.digits_eval import HELD_OUT_HAND, drawn_cases, photo_cases, typed_cases
+from model.digits_eval import HELD_OUT_HAND, SERVER_OVERSAMPLE, drawn_cases, photo_cases, typed_cases
 from model.digits_study import FramingNorm, PolarityNorm
 from model.presets import get_preset
 from stageformer.core.preprocess import normalize, preprocess
@@ -179,6 +179,23 @@ def test_held_out_sets_are_fixed_and_use_only_held_out_fonts() -> None:
     shapes = sum(len(s) for s in HELD_OUT_HAND.values())
     assert len(drawn) == len(photos) == shapes
     assert all(min(c.image.size) >= 100 for c in drawn + photos)
+
+
+def test_held_out_pictures_reach_the_model_as_through_the_server() -> None:
+    from service.images import prepare
+    from service.settings import Settings
+
+    fields = Settings.model_fields
+    assert (fields["decode"].default, fields["decode_oversample"].default) == ("fast", SERVER_OVERSAMPLE)
+    photos = [c for c in photo_cases(per_shape=1) if min(c.image.size) >= 4 * CONFIG.resize_size]
+    assert photos and all(c.jpeg is not None for c in photos)
+    for case in photos[:5]:  # large enough for the server to decode at a reduced scale
+        assert case.jpeg is not None
+        served = prepare(case.jpeg, CONFIG, 10**8, oversample=SERVER_OVERSAMPLE)
+        assert np.array_equal(case.pixels(CONFIG), served)
+        assert np.array_equal(case.pixels(CONFIG, oversample=None), prepare(case.jpeg, CONFIG, 10**8))
+    drawing = drawn_cases(per_shape=1)[0]
+    assert drawing.jpeg is None and np.array_equal(drawing.pixels(CONFIG), preprocess(drawing.image, CONFIG))
 
 
 # --- the study's polarity and framing modules ------------------------------------------------------------------
