@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,9 @@ from .http_errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, ReadDeadlineMiddleware
 from .registry import ModelRegistry
-from .routes import ops, page, v1, v2
+from .repository import Repository
+from .routes import ops, page, repository, v1, v2
+from .routes.grpc_api import start_grpc
 from .settings import Settings
 from .state import AppState
 
@@ -48,15 +52,25 @@ def create_app(
         except BaseException:
             state.decode_pool.shutdown(wait=False)
             raise
-        state.registry, state.ready = models, True
-        logger.info("ready: %s (default %r)", ", ".join(models.models), models.default)
-        try:
-            yield
-        finally:
-            state.ready = False  # new requests get 503 while queued work finishes
-            await run_in_threadpool(models.close, state.close_timeout())
-            state.decode_pool.shutdown(wait=True)
-            logger.info("stopped")
+        state.registry = models
+        state.repository = repository = Repository(state)
+        async with contextlib.AsyncExitStack() as running:
+            if settings.grpc_port:
+                grpc_server = await start_grpc(state)
+                running.push_async_callback(grpc_server.stop, 2.0)  # after the drain: answers being sent
+            if settings.watch:
+                watching = asyncio.ensure_future(repository.watch(settings.watch_interval_s))
+                running.callback(watching.cancel)
+            state.ready = True
+            logger.info("ready: %s (default %r)", ", ".join(models.models), models.default)
+            try:
+                yield
+            finally:
+                state.ready = False  # new requests get 503 while queued work finishes
+        await repository.close()
+        await run_in_threadpool(state.registry.close, state.close_timeout())
+        state.decode_pool.shutdown(wait=True)
+        logger.info("stopped")
 
     app = FastAPI(
         title="stageformer",
@@ -68,6 +82,7 @@ def create_app(
     install_error_handlers(app, state.metrics)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.include_router(repository.router)
     app.include_router(ops.router)
     app.include_router(page.router)
     app.add_middleware(ReadDeadlineMiddleware, grace_s=settings.body_timeout_s, min_rate=settings.body_min_rate)

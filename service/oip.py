@@ -179,7 +179,7 @@ def _numbers(name: str, data: list[Any], count: int) -> np.ndarray:
 
 
 def tensor_from_values(name: str, shape: Sequence[int], data: Any, spec: TensorSpec) -> np.ndarray:
-    """A tensor from JSON values (flat or nested lists, row-major) or gRPC typed contents."""
+    """A tensor from JSON values (flat or nested lists, row-major)."""
     count = math.prod(shape)
     try:
         values = _numbers(name, data, count) if isinstance(data, list) else None
@@ -196,7 +196,19 @@ def tensor_from_values(name: str, shape: Sequence[int], data: Any, spec: TensorS
             values = np.asarray(flat, dtype=np.float64)
         except OverflowError:
             raise bad_input(f"input {name!r}: a value is too large for a number") from None
-    if spec.datatype == "UINT8" and (values.min() < 0 or values.max() > 255 or np.any(values != np.floor(values))):
+    return tensor_from_numbers(name, shape, values, spec)
+
+
+def tensor_from_numbers(name: str, shape: Sequence[int], values: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """A tensor from a flat array of numbers (JSON data, gRPC typed contents), checked for count and range."""
+    count = math.prod(shape)
+    if values.size != count:
+        raise bad_input(f"input {name!r}: {values.size} values for shape {list(shape)} ({count} values)")
+    if (
+        spec.datatype == "UINT8"
+        and count
+        and (values.min() < 0 or values.max() > 255 or np.any(values != np.floor(values)))
+    ):
         raise bad_input(f"input {name!r}: UINT8 data must be integers in 0..255")
     with np.errstate(over="ignore"):  # FP32 overflow becomes Inf, refused below
         array = values.astype(spec.dtype).reshape(shape)

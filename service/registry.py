@@ -39,9 +39,14 @@ def find_model_files(paths: list[str]) -> list[Path]:
 
 
 class ModelRegistry:
+    """The models being served, by name. ``models`` is replaced, never changed in place (``swap``), so a request
+    that looked a model up keeps it whatever happens to the registry meanwhile. Event loop only, but for
+    ``load``."""
+
     def __init__(self, models: dict[str, ModelPipeline], default: str) -> None:
         self.models = models
         self.default = default
+        self.retired: set[ModelPipeline] = set()  # taken out of service, still finishing their requests
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics, decode_pool: Executor) -> ModelRegistry:
@@ -82,17 +87,29 @@ class ModelRegistry:
             raise not_found(f"unknown model {name!r}; served models: {', '.join(sorted(self.models))}")
         return model
 
+    def swap(self, name: str, model: ModelPipeline | None) -> ModelPipeline | None:
+        """Serve ``model`` as ``name`` (None: serve nothing under it); returns the model it replaces."""
+        models = dict(self.models)
+        old = models.pop(name, None)
+        if model is not None:
+            models[name] = model
+        self.models = models
+        return old
+
+    def _all(self) -> list[ModelPipeline]:
+        return [*self.models.values(), *self.retired]
+
     @property
     def in_flight(self) -> int:
         """Requests in progress over all models, from their first byte to their answer."""
-        return sum(m.arrivals for m in self.models.values())
+        return sum(m.arrivals for m in self._all())
 
     def abort(self) -> int:
         """Every model stops running requests (see ``ModelPipeline.abort``); how many were waiting."""
-        return sum(m.abort() for m in self.models.values())
+        return sum(m.abort() for m in self._all())
 
     def close(self, timeout_s: float | None = None) -> None:
-        for model in self.models.values():
+        for model in self._all():
             model.batcher.close(timeout_s)
 
 

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
         1000, ge=1, description="open connections beyond which new ones get 503 and are closed"
     )
     keep_alive_timeout_s: float = Field(5.0, gt=0.0, description="idle kept-alive connections close after this")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="port of the Open Inference Protocol over gRPC, on --host; 0 turns it off"
+    )
+    watch: bool = Field(
+        False, description="follow the model folders: load new or changed .onnx files, unload removed ones"
+    )
+    watch_interval_s: float = Field(2.0, gt=0.0, description="with --watch, seconds between looks at the folders")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty: CORS off")
     trt_cache_dir: str = Field(".trt_cache", description="TensorRT engine cache folder (--device tensorrt)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import Kind, ServiceError, shutting_down
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .repository import Repository
 
 
 @dataclass
@@ -18,6 +22,7 @@ class AppState:
     metrics: Metrics
     registry: ModelRegistry | None = None  # None until every model is loaded
     decode_pool: ThreadPoolExecutor | None = None
+    repository: Repository | None = None  # loads and unloads models while serving
     ready: bool = False
     draining_since: float | None = None  # time.monotonic() of the shutdown signal; None while serving
     aborted: bool = False  # the drain timeout passed: requests still waiting for inference get 503

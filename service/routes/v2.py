@@ -18,12 +18,13 @@ from .. import oip
 from ..deps import Registry, State, require_api_key, wait_for_disconnect
 from ..errors import not_found
 from ..http_errors import error_responses
+from ..model_config import model_config_json
 from ..pipeline import ModelPipeline
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 secured = [Depends(require_api_key)]
 
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration"]
 # Bodies up to this size are decoded on the event loop (a few hundred microseconds at most); larger ones
 # in the decode pool, so that parsing megabytes of JSON never stalls other requests or the health probes.
 INLINE_DECODE_BYTES = 64 * 1024
@@ -76,6 +77,17 @@ def model_metadata(model: str, registry: Registry, version: str = "1") -> dict[s
             "max_queue_delay_ms": served.batcher.max_queue_delay_s * 1000.0,
         },
     }
+
+
+@router.get(
+    "/models/{model}/config",
+    summary="Model configuration, as Triton's ModelConfig",
+    dependencies=secured,
+    responses=error_responses(401, 404, 503),
+)
+@router.get("/models/{model}/versions/{version}/config", include_in_schema=False, dependencies=secured)
+def config(model: str, registry: Registry, version: str = "1") -> dict[str, Any]:
+    return model_config_json(_model(registry, model, version))
 
 
 @router.get(

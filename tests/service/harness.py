@@ -94,7 +94,7 @@ class LiveServer:
 @contextmanager
 def live_server(**settings: Any) -> Iterator[LiveServer]:
     """uvicorn serving ``create_app(Settings(**settings))`` on a free loopback port, in a thread."""
-    settings_ = Settings(**settings)
+    settings_ = Settings(**{"grpc_port": 0, **settings})
     app = create_app(settings_)
     config = uvicorn_config(app, settings_, host="127.0.0.1", port=0, log_level="warning")
     server = uvicorn.Server(config)
@@ -233,7 +233,8 @@ def server_process(*args: str, **env: str) -> Iterator[tuple[int, subprocess.Pop
     """``stageformer serve ARGS`` on a free port, ready; killed at the end if still running."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "stageformer", "serve", *args, "--port", str(port)],
+        [sys.executable, "-m", "stageformer", "serve", *args, "--port", str(port),
+         *([] if "--grpc-port" in args else ["--grpc-port", "0"])],  # fmt: skip
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
