@@ -1,12 +1,14 @@
 """Checkpoint -> ONNX file: trace, parity gate, metadata, atomic save, optional Triton repository.
 
-``export_onnx`` is the whole pipeline. Its steps, each reported through ``progress`` (or logged):
+``export_onnx`` is the whole pipeline, one function per step, each reported through ``progress`` (or
+logged):
 
 - load: read the checkpoint, hash it, run the model once in PyTorch (a model that cannot run or gives
   NaN fails here, before anything is traced or written);
 - trace: ``torch.export`` + ``torch.onnx`` (dynamo exporter, opset 20 by default) of the model wrapped
   with its input handling: ``uint8 [batch, H, W, 3]`` normalized inside the graph (``raw``) or
-  ``float32 [batch, 3, H, W]`` (``normalized``); ``float32 [batch, num_classes]`` logits out;
+  ``float32 [batch, 3, H, W]`` (``normalized``); ``float32 [batch, num_classes]`` logits out
+  (``export.trace``);
 - check: ONNX Runtime (CPU) against PyTorch eval on seeded real-looking and random images at batch
   sizes 1, 3 and 8 (``export.parity``); a difference above ``atol`` fails the export;
 - save: metadata (config, preprocessing, labels, provenance, parity figures) into ``metadata_props``,
@@ -31,7 +33,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,24 +43,30 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch import Tensor, nn
 
 from model import Checkpoint, CheckpointError, load_checkpoint
 from stageformer.core.formats import (
     CHECKPOINT_REQUIRED_KEYS,
+    CONFIG_KEY,
+    FORMAT_KEY,
+    FORMAT_VERSION_KEY,
+    INPUT_FORMAT_KEY,
     INPUT_FORMATS,
-    INPUT_NAME,
+    LABELS_KEY,
+    NAME_KEY,
     ONNX_FORMAT,
     ONNX_FORMAT_VERSION,
-    OUTPUT_NAME,
+    PARITY_KEY,
+    PRECISION_KEY,
+    PREPROCESS_KEY,
     VERSION_KEY,
 )
 from stageformer.core.naming import check_model_name
-from stageformer.core.preprocess import PreprocessConfig, normalize
+from stageformer.core.preprocess import normalize
 
 from . import parity as parity_lib
+from .errors import ExportError, ParityError
 from .options import (
-    BATCH_DIM,
     DEFAULT_ATOL,
     DEFAULT_EXPORTER,
     DEFAULT_FP16_ATOL,
@@ -72,23 +79,15 @@ from .options import (
     PARITY_BATCH_SIZES,
 )
 from .parity import ParityReport
+from .trace import ExportWrapper, check_signature, first_line, initializer_bytes, to_fp16, trace
 from .triton import TritonModel, check_triton_options, write_repository
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, str], None]  # (step, message): step is load, trace, check, save, triton or done
+# (step, message): step is load, trace, check, save, triton or done
+Progress = Callable[[str, str], None]
 
-
-class ExportError(RuntimeError):
-    """The checkpoint cannot be exported as asked; the message says why and what to try. Nothing was written."""
-
-
-class ParityError(ExportError):
-    """The exported graph's logits differ from PyTorch's by more than the tolerance."""
-
-    def __init__(self, message: str, report: ParityReport) -> None:
-        super().__init__(message)
-        self.report = report
+FP32, FP16 = "fp32", "fp16"
 
 
 @dataclass(frozen=True)
@@ -113,56 +112,6 @@ class ExportReport:
     metadata: dict[str, str] = field(default_factory=dict)  # what metadata_props hold
 
 
-# --- the module that is traced ------------------------------------------------------------------
-
-
-class ExportWrapper(nn.Module):
-    """The classifier with the ONNX file's input handling in front and a float32 cast behind.
-
-    ``raw``: ``uint8 [B, H, W, 3]`` -> float32, ``(x - 255 * mean) * (1 / (255 * std))`` -> NCHW: the
-    arithmetic of ``stageformer.core.preprocess.normalize``, constants computed the same way in float32.
-    ``normalized``: ``float32 [B, 3, H, W]`` as it comes. The model runs in ``dtype``; normalization
-    always runs in float32.
-    """
-
-    def __init__(self, model: nn.Module, preprocess: PreprocessConfig, input_format: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model = model
-        self.raw = input_format == "raw"
-        self.dtype = dtype
-        mean = np.asarray(preprocess.mean, dtype=np.float32) * np.float32(255.0)
-        inv_std = np.float32(1.0) / (np.asarray(preprocess.std, dtype=np.float32) * np.float32(255.0))
-        self.mean: Tensor
-        self.inv_std: Tensor
-        self.register_buffer("mean", torch.from_numpy(mean), persistent=False)
-        self.register_buffer("inv_std", torch.from_numpy(inv_std), persistent=False)
-
-    def forward(self, image: Tensor) -> Tensor:
-        x = image
-        if self.raw:
-            x = ((x.to(torch.float32) - self.mean) * self.inv_std).permute(0, 3, 1, 2)  # NHWC -> NCHW
-        if self.dtype != torch.float32:
-            x = x.to(self.dtype)
-        return self.model(x).to(torch.float32)
-
-
-def to_fp16(model: nn.Module) -> nn.Module:
-    """A half-precision copy. Derived tables kept out of checkpoints (non-persistent buffers: rotary
-    frequencies, sine position tables) stay float32, as the layers cast them where they are used;
-    rounding rotary frequencies to fp16 would shift the angles of far positions by radians."""
-    half = copy.deepcopy(model)
-    keep = {
-        (module, name): buf
-        for module in half.modules()
-        for name, buf in module.named_buffers(recurse=False)
-        if name in module._non_persistent_buffers_set and buf.is_floating_point()
-    }
-    half.half()
-    for (module, name), buf in keep.items():
-        setattr(module, name, buf)
-    return half
-
-
 # --- helpers ------------------------------------------------------------------------------------
 
 
@@ -174,60 +123,102 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Keep torch.onnx's chatter (warnings, "torchvision is not installed") out of the user's terminal;
-    it is logged at DEBUG instead."""
-    noisy = logging.getLogger("torch.onnx")
-    level = noisy.level
-    noisy.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-        for w in caught:
-            logger.debug("exporter warning: %s", w.message)
-    finally:
-        noisy.setLevel(level)
+class _Steps:
+    """Times the steps and reports each as it ends, through ``progress`` or the log."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+        self._step_start = self._start
+
+    def done(self, step: str, message: str) -> None:
+        now = time.perf_counter()
+        line = message
+        if step != "done":
+            self.timings[step] = self.timings.get(step, 0.0) + now - self._step_start
+            line = f"{message} ({self.timings[step]:.1f} s)"
+        self._step_start = now
+        if self.progress is not None:
+            self.progress(step, line)
+        else:
+            logger.info("%s: %s", step, line)
+
+    def total(self) -> float:
+        self.timings["total"] = time.perf_counter() - self._start
+        return self.timings["total"]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]
+def _versions() -> dict[str, str]:
+    from stageformer.core import __version__
+
+    return {
+        VERSION_KEY: __version__,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": ort.__version__,
+    }
 
 
-def _check_options(
-    checkpoint: Path,
-    output: Path,
-    input_format: str,
-    opset: int,
-    exporter: str,
-    atol: float,
-    name: str,
-    triton_max_batch_size: int,
-    triton_max_queue_delay_us: int,
-    parity_batch_sizes: Sequence[int],
-) -> None:
-    if input_format not in INPUT_FORMATS:
-        raise ExportError(f"input format {input_format!r} is not supported; choose one of {', '.join(INPUT_FORMATS)}")
-    if exporter not in EXPORTERS:
-        raise ExportError(f"exporter {exporter!r} is not supported; choose one of {', '.join(EXPORTERS)}")
-    highest = onnx.defs.onnx_opset_version()
+def _pytorch_name() -> str:
+    return f"pytorch {torch.__version__} fp32 eval"
+
+
+# --- options --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Options:
+    """``export_onnx``'s arguments, defaults resolved."""
+
+    checkpoint: Path
+    output: Path
+    input_format: str
+    opset: int
+    exporter: str
+    precision: str  # fp32 or fp16
+    atol: float
+    name: str
+    parity_batch_sizes: tuple[int, ...]
+    triton_repo: Path | None
+    triton_max_batch_size: int
+    triton_max_queue_delay_us: int
+
+
+def _check_graph_options(options: _Options) -> None:
+    if options.input_format not in INPUT_FORMATS:
+        raise ExportError(
+            f"input format {options.input_format!r} is not supported; choose one of {', '.join(INPUT_FORMATS)}"
+        )
+    if options.exporter not in EXPORTERS:
+        raise ExportError(f"exporter {options.exporter!r} is not supported; choose one of {', '.join(EXPORTERS)}")
+    opset, highest = options.opset, onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= highest:
         raise ExportError(
             f"opset {opset!r} is out of range: torch.onnx writes opset {MIN_OPSET} and above, and the installed "
             f"onnx {onnx.__version__} goes up to {highest}; "
             f"the default {DEFAULT_OPSET} suits ONNX Runtime >= 1.17 and TensorRT"
         )
+    atol = options.atol
     if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
         raise ExportError(f"atol must be a finite number >= 0, got {atol!r}")
-    if not parity_batch_sizes or any(int(b) < 1 for b in parity_batch_sizes):
-        raise ExportError(f"parity batch sizes must be positive integers, got {list(parity_batch_sizes)}")
+    if not options.parity_batch_sizes or any(b < 1 for b in options.parity_batch_sizes):
+        raise ExportError(f"parity batch sizes must be positive integers, got {list(options.parity_batch_sizes)}")
     try:
-        check_model_name(name)
-        check_triton_options(triton_max_batch_size, triton_max_queue_delay_us)
+        check_model_name(options.name)
+        check_triton_options(options.triton_max_batch_size, options.triton_max_queue_delay_us)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+
+
+def _check_options(options: _Options) -> None:
+    """Raise ``ExportError`` for the first option that cannot work, before anything is loaded."""
+    _check_graph_options(options)
+    _check_paths(options)
+
+
+def _check_paths(options: _Options) -> None:
+    checkpoint, output = options.checkpoint, options.output
     if not checkpoint.is_file():
         raise ExportError(f"checkpoint {str(checkpoint)!r} does not exist")
     if output.exists() and output.is_dir():
@@ -236,107 +227,115 @@ def _check_options(
         raise ExportError("the output would overwrite the checkpoint; give another file name with -o")
 
 
+# --- load -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """The checkpoint, its PyTorch reference and the images the parity gate runs on."""
+
+    checkpoint: Checkpoint
+    digest: str
+    num_parameters: int
+    reference: parity_lib.Reference  # uint8 pixels -> PyTorch fp32 logits
+    batches: list[parity_lib.ParityBatch]
+    references: list[np.ndarray]  # PyTorch's logits of ``batches``
+
+
+def _read_checkpoint(path: Path) -> Checkpoint:
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
+    if ckpt.config.num_classes < 1:
+        raise ExportError(
+            "the model has no classification head (num_classes=0) but an ONNX file returns logits "
+            "[batch, num_classes]; export a checkpoint with classes"
+        )
+    ckpt.model.eval()
+    return ckpt
+
+
+def _pytorch_reference(ckpt: Checkpoint) -> parity_lib.Reference:
+    model, preprocess = ckpt.model, ckpt.preprocess
+
+    def reference(pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(normalize(pixels, preprocess))).numpy()
+
+    return reference
+
+
+def _reference_logits(reference: parity_lib.Reference, batches: Sequence[parity_lib.ParityBatch]) -> list[np.ndarray]:
+    try:
+        references = [reference(b.pixels) for b in batches]
+    except Exception as exc:
+        raise ExportError(f"PyTorch cannot run the model: {first_line(exc)}") from exc
+    if not all(np.all(np.isfinite(r)) for r in references):
+        raise ExportError(
+            "PyTorch's own logits contain NaN or inf on the parity images; the checkpoint's weights are broken"
+        )
+    return references
+
+
+def _load(options: _Options, steps: _Steps) -> _Loaded:
+    """Read the checkpoint and compute PyTorch's logits of the parity images."""
+    ckpt = _read_checkpoint(options.checkpoint)
+    preprocess = ckpt.preprocess
+    digest = sha256_of(options.checkpoint)
+    num_parameters = sum(p.numel() for p in ckpt.model.parameters())
+    batches = parity_lib.parity_batches(preprocess.image_size, options.parity_batch_sizes)
+    reference = _pytorch_reference(ckpt)
+    references = _reference_logits(reference, batches)
+    steps.done(
+        "load",
+        f"{options.name}: {num_parameters / 1e6:.1f}M parameters, {preprocess.image_size}x{preprocess.image_size}, "
+        f"{ckpt.config.num_classes} classes, sha256 {digest[:12]}; PyTorch logits of "
+        f"{sum(b.batch_size for b in batches)} parity images",
+    )
+    return _Loaded(ckpt, digest, num_parameters, reference, batches, references)
+
+
 # --- trace ----------------------------------------------------------------------------------------
 
 
-def _trace_dynamo(wrapper: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
-    batch = torch.export.Dim(BATCH_DIM, min=1)
-    try:
-        with _quiet_exporter():
-            program = torch.export.export(wrapper, (example,), dynamic_shapes={INPUT_NAME: {0: batch}}, strict=False)
-    except Exception as exc:
-        raise ExportError(
-            f"torch.export cannot trace the model: {_first_line(exc)}. Models exported to ONNX need a forward "
-            "pass without data-dependent control flow; try --exporter torchscript"
-        ) from exc
-    try:
-        with _quiet_exporter():
-            onnx_program = torch.onnx.export(
-                program,
-                (example,),
-                dynamo=True,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                external_data=False,
-                optimize=True,
-                verbose=False,
-            )
-    except Exception as exc:
-        raise ExportError(
-            f"torch.onnx cannot translate the model to ONNX opset {opset}: {_first_line(exc)}; "
-            "try another --opset or --exporter torchscript"
-        ) from exc
-    if onnx_program is None:  # pragma: no cover - torch returns a program when no file name is given
-        raise ExportError("torch.onnx returned no model")
-    return onnx_program.model_proto
+def _stamp(proto: onnx.ModelProto, options: _Options, num_classes: int) -> None:
+    """The producer, graph name and description every stageformer file carries."""
+    proto.producer_name, proto.producer_version = "stageformer", _versions()[VERSION_KEY]
+    proto.graph.name = options.name
+    proto.doc_string = f"stageformer model {options.name}: {num_classes}-class image classifier"
 
 
-def _trace_torchscript(wrapper: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
-    with tempfile.TemporaryDirectory(prefix="stageformer-export-") as tmp:
-        path = Path(tmp) / "model.onnx"
+def _external(proto: onnx.ModelProto) -> bool:
+    """Whether the weights are too large for one protobuf file (2 GB) and go to a side file."""
+    return initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+
+
+def _trace(options: _Options, loaded: _Loaded, steps: _Steps) -> onnx.ModelProto:
+    """The model, wrapped with its input handling (and cast to fp16 if asked), as a checked ONNX graph."""
+    ckpt, fp16 = loaded.checkpoint, options.precision == FP16
+    model = to_fp16(ckpt.model) if fp16 else ckpt.model
+    wrapper = ExportWrapper(model, ckpt.preprocess, options.input_format, torch.float16 if fp16 else torch.float32)
+    example_pixels = np.concatenate([b.pixels for b in loaded.batches])[:2]
+    if example_pixels.shape[0] < 2:  # a batch of 1 lets torch.export specialize the batch axis
+        example_pixels = np.concatenate([example_pixels, example_pixels])
+    example = torch.from_numpy(parity_lib.model_input(example_pixels, options.input_format, ckpt.preprocess))
+    proto = trace(wrapper.eval(), example, options.opset, options.exporter)
+    del wrapper, model
+    check_signature(proto, options.input_format, ckpt.preprocess.image_size, ckpt.config.num_classes)
+    _stamp(proto, options, ckpt.config.num_classes)
+    if not _external(proto):
         try:
-            with _quiet_exporter(), torch.inference_mode():
-                torch.onnx.export(
-                    wrapper,
-                    (example,),
-                    str(path),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
-                    do_constant_folding=True,
-                )
-        except Exception as exc:
-            raise ExportError(
-                f"the TorchScript exporter cannot export the model at opset {opset}: {_first_line(exc)}; "
-                "try --exporter dynamo"
-            ) from exc
-        return onnx.load(str(path))
-
-
-def _initializer_bytes(proto: onnx.ModelProto) -> int:
-    """Size of the graph's weights, however each tensor stores them."""
-    total = 0
-    for t in proto.graph.initializer:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
-    return total
-
-
-def _check_signature(proto: onnx.ModelProto, input_format: str, image_size: int, num_classes: int) -> None:
-    """The graph's input and output are what DESIGN.md promises, batch axis named ``batch``."""
-    graph = proto.graph
-    if [i.name for i in graph.input] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
-        raise ExportError(
-            f"the traced graph has inputs {[i.name for i in graph.input]} and outputs "
-            f"{[o.name for o in graph.output]}, expected [{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
-        )
-    if input_format == "raw":
-        want_in, elem_in = [BATCH_DIM, image_size, image_size, 3], onnx.TensorProto.UINT8
-    else:
-        want_in, elem_in = [BATCH_DIM, 3, image_size, image_size], onnx.TensorProto.FLOAT
-    for value, want, elem in (
-        (graph.input[0], want_in, elem_in),
-        (graph.output[0], [BATCH_DIM, num_classes], onnx.TensorProto.FLOAT),
-    ):
-        tensor = value.type.tensor_type
-        dims = tensor.shape.dim
-        if len(dims) != len(want):
-            raise ExportError(f"{value.name} has rank {len(dims)}, expected {len(want)}")
-        if not dims[0].dim_param:
-            raise ExportError(
-                f"{value.name}'s batch axis came out fixed at {dims[0].dim_value}; the model's forward pass must not "
-                "depend on the batch size"
-            )
-        dims[0].dim_param = BATCH_DIM  # the exporters name it s0, s77 or batch; one name in every file
-        got = [d.dim_param or d.dim_value for d in dims]
-        if got != want or tensor.elem_type != elem:
-            raise ExportError(
-                f"{value.name} is {onnx.TensorProto.DataType.Name(tensor.elem_type)} {got}, expected "
-                f"{onnx.TensorProto.DataType.Name(elem)} {want}"
-            )
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"the exported graph is not valid ONNX: {first_line(exc)}") from exc
+    steps.done(
+        "trace",
+        f"torch.onnx {options.exporter} exporter, opset {options.opset}, {FP16 if fp16 else FP32}, "
+        f"{options.input_format} input: {len(proto.graph.node)} nodes, {initializer_bytes(proto) / 1e6:.1f} MB of "
+        "weights",
+    )
+    return proto
 
 
 # --- ONNX Runtime ---------------------------------------------------------------------------------
@@ -365,41 +364,124 @@ def cuda_works() -> bool:
     return bool(session.get_providers()[0] == "CUDAExecutionProvider")
 
 
-def _gate(
-    model: bytes | str,
-    reference: parity_lib.Reference,
-    references: Sequence[np.ndarray],
-    batches: Sequence[parity_lib.ParityBatch],
-    input_format: str,
-    preprocess: PreprocessConfig,
-    atol: float,
-    provider: str,
-) -> ParityReport:
-    """Load the graph on ``provider`` and compare it with PyTorch's logits on the parity batches."""
-    where = f"ONNX Runtime {ort.__version__} ({provider})"
-    try:
-        session = _session(
-            model, [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
+def _save_model(proto: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write ``proto`` to ``path``; with ``external``, its weights to ``path.name + ".data"`` beside it."""
+    if external:
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
         )
+    else:
+        onnx.save_model(proto, str(path))
+
+
+@contextlib.contextmanager
+def _runnable(proto: onnx.ModelProto) -> Iterator[bytes | str]:
+    """What ``InferenceSession`` takes for ``proto``: its bytes, or for a model over 2 GB (which ONNX Runtime
+    cannot take from memory) the path of a copy staged in a temporary directory."""
+    if not _external(proto):
+        yield proto.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="stageformer-export-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        _save_model(copy.deepcopy(proto), path, external=True)
+        yield str(path)
+
+
+def _open_session(model: bytes | str, provider: str) -> Any:
+    where = f"ONNX Runtime {ort.__version__} ({provider})"
+    providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
+    try:
+        return _session(model, providers)
     except Exception as exc:
-        raise ExportError(f"{where} cannot load the exported graph: {_first_line(exc)}") from exc
+        raise ExportError(f"{where} cannot load the exported graph: {first_line(exc)}") from exc
+
+
+# --- check ----------------------------------------------------------------------------------------
+
+
+def _gate(model: bytes | str, options: _Options, loaded: _Loaded, provider: str) -> ParityReport:
+    """Load the graph on ``provider`` and compare it with PyTorch's logits on the parity batches."""
+    session = _open_session(model, provider)
+    where = f"ONNX Runtime {ort.__version__} ({provider})"
     try:
         return parity_lib.compare(
             parity_lib.session_runner(session),
-            reference,
-            batches,
-            input_format,
-            preprocess,
-            atol,
+            loaded.reference,
+            loaded.batches,
+            options.input_format,
+            loaded.checkpoint.preprocess,
+            options.atol,
             f"onnxruntime {ort.__version__} {provider}",
-            f"pytorch {torch.__version__} fp32 eval",
-            references,
+            _pytorch_name(),
+            loaded.references,
         )
     except Exception as exc:
-        raise ExportError(f"{where} cannot run the exported graph: {_first_line(exc)}") from exc
+        raise ExportError(f"{where} cannot run the exported graph: {first_line(exc)}") from exc
+
+
+def _check(
+    options: _Options, loaded: _Loaded, proto: onnx.ModelProto, steps: _Steps
+) -> tuple[ParityReport, ParityReport | None]:
+    """The parity gate on CPU (and for fp16, on CUDA where it works); raises ``ParityError`` when it fails."""
+    fp16 = options.precision == FP16
+    with _runnable(proto) as model:
+        gate = functools.partial(_gate, model, options, loaded)
+        report = gate("CPUExecutionProvider")
+        cuda_report = gate("CUDAExecutionProvider") if fp16 and cuda_works() else None
+    for checked in (report, cuda_report):
+        if checked is not None and not checked.passed:
+            steps.done("check", checked.summary())
+            hint = (
+                "fp16 rounding grows with the size of the activations: if the top-1 agreement is acceptable, "
+                "loosen --atol; otherwise export without --fp16"
+                if fp16
+                else "a difference this large means the graph computes something else than PyTorch: "
+                "try another --opset or --exporter"
+            )
+            raise ParityError(f"parity gate failed: {checked.summary()}. Nothing was written; {hint}", checked)
+    steps.done("check", report.summary() + (f"; {cuda_report.summary()}" if cuda_report else ""))
+    return report, cuda_report
 
 
 # --- save -----------------------------------------------------------------------------------------
+
+
+def _metadata(
+    options: _Options,
+    loaded: _Loaded,
+    parity: ParityReport,
+    parity_cuda: ParityReport | None,
+) -> dict[str, str]:
+    """What the file's ``metadata_props`` hold; the keys the server reads are ``stageformer.core.formats``'."""
+    ckpt_meta = loaded.checkpoint.metadata
+    parity_figures = parity.to_dict()
+    if parity_cuda is not None:
+        parity_figures["cuda"] = parity_cuda.to_dict()
+    extra = {k: v for k, v in ckpt_meta.items() if k not in (*CHECKPOINT_REQUIRED_KEYS, VERSION_KEY)}
+    metadata = {
+        FORMAT_KEY: ONNX_FORMAT,
+        FORMAT_VERSION_KEY: str(ONNX_FORMAT_VERSION),
+        NAME_KEY: options.name,
+        CONFIG_KEY: ckpt_meta[CONFIG_KEY],
+        PREPROCESS_KEY: ckpt_meta[PREPROCESS_KEY],
+        LABELS_KEY: ckpt_meta[LABELS_KEY],
+        INPUT_FORMAT_KEY: options.input_format,
+        PRECISION_KEY: options.precision,
+        "opset": str(options.opset),
+        "exporter": options.exporter,
+        PARITY_KEY: json.dumps(parity_figures, sort_keys=True),
+        "checkpoint_file": options.checkpoint.name,
+        "checkpoint_sha256": loaded.digest,
+        "checkpoint_metadata": json.dumps(extra, sort_keys=True),
+        **_versions(),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return metadata
 
 
 def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -417,60 +499,45 @@ def _save_atomic(proto: onnx.ModelProto, output: Path, external: bool) -> Path |
     try:
         staged = staging / output.name
         data_name = output.name + ".data"
+        _save_model(proto, staged, external)
         if external:
-            onnx.save_model(
-                proto,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
             os.replace(staging / data_name, output.parent / data_name)
-        else:
-            onnx.save_model(proto, str(staged))
         os.replace(staged, output)
         return output.parent / data_name if external else None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _save(proto: onnx.ModelProto, output: Path, metadata: dict[str, str], steps: _Steps) -> tuple[Path | None, int]:
+    """Write the file with its metadata; returns the external data path (if any) and the bytes written."""
+    _set_metadata(proto, metadata)
+    external_path = _save_atomic(proto, output, _external(proto))
+    size = output.stat().st_size + (external_path.stat().st_size if external_path else 0)
+    steps.done(
+        "save", f"wrote {output} ({size / 1e6:.1f} MB)" + (f" and {external_path.name}" if external_path else "")
+    )
+    return external_path, size
+
+
+def _write_triton(options: _Options, loaded: _Loaded, external_path: Path | None, steps: _Steps) -> Path | None:
+    """The Triton repository entry, when ``triton_repo`` is given; returns its model directory."""
+    if options.triton_repo is None:
+        return None
+    ckpt = loaded.checkpoint
+    triton_model = TritonModel(
+        options.name,
+        options.input_format,
+        ckpt.preprocess.image_size,
+        ckpt.config.num_classes,
+        options.triton_max_batch_size,
+        options.triton_max_queue_delay_us,
+    )
+    triton_dir = write_repository(options.triton_repo, triton_model, options.output, ckpt.labels, external_path)
+    steps.done("triton", f"wrote {triton_dir}/config.pbtxt, labels.txt, 1/model.onnx")
+    return triton_dir
+
+
 # --- the pipeline ---------------------------------------------------------------------------------
-
-
-class _Steps:
-    def __init__(self, progress: Progress | None) -> None:
-        self.progress = progress
-        self.timings: dict[str, float] = {}
-        self._start = time.perf_counter()
-        self._step_start = self._start
-
-    def done(self, step: str, message: str) -> None:
-        now = time.perf_counter()
-        line = message
-        if step != "done":
-            self.timings[step] = self.timings.get(step, 0.0) + now - self._step_start
-            line = f"{message} ({self.timings[step]:.1f} s)"
-        self._step_start = now
-        if self.progress is not None:
-            self.progress(step, line)
-        else:
-            logger.info("%s: %s", step, line)
-
-    def total(self) -> float:
-        self.timings["total"] = time.perf_counter() - self._start
-        return self.timings["total"]
-
-
-def _versions() -> dict[str, str]:
-    from stageformer.core import __version__
-
-    return {
-        "stageformer_version": __version__,
-        "torch_version": torch.__version__,
-        "onnx_version": onnx.__version__,
-        "onnxruntime_version": ort.__version__,
-    }
 
 
 def export_onnx(
@@ -495,179 +562,51 @@ def export_onnx(
     (``float32 [batch, 3, H, W]``). ``fp16``: weights and compute in half precision, input and output
     types unchanged. ``atol``: the largest allowed |logit difference| against PyTorch fp32 (default
     1e-4, or 5e-2 with ``fp16``). ``name``: the model's name (default: the checkpoint's file stem), used
-    for the Triton directory. ``progress(step, message)`` receives one line per step; without it the
-    steps are logged.
+    for the Triton directory. ``progress(step, message)`` receives one line per step; without it the steps
+    are logged.
 
     Raises ``ExportError`` (``ParityError`` when the gate fails) with nothing written to ``output_path``
     or ``triton_repo``: for bad options, a checkpoint that cannot be loaded, a model that cannot be run,
     traced or loaded by ONNX Runtime, and logits that differ.
     """
     steps = _Steps(progress)
-    checkpoint = Path(checkpoint_path)
-    output = Path(output_path)
-    input_format = input
-    name = name if name is not None else checkpoint.stem
-    tolerance = float(atol) if atol is not None else (DEFAULT_FP16_ATOL if fp16 else DEFAULT_ATOL)
-    _check_options(
-        checkpoint,
-        output,
-        input_format,
-        opset,
-        exporter,
-        tolerance,
-        name,
-        triton_max_batch_size,
-        triton_max_queue_delay_us,
-        parity_batch_sizes,
-    )
-
-    # load ---------------------------------------------------------------------------------------
-    try:
-        ckpt: Checkpoint = load_checkpoint(checkpoint)
-    except CheckpointError as exc:
-        raise ExportError(str(exc)) from exc
-    config, preprocess = ckpt.config, ckpt.preprocess
-    if config.num_classes < 1:
-        raise ExportError(
-            "the model has no classification head (num_classes=0) but an ONNX file returns logits "
-            "[batch, num_classes]; export a checkpoint with classes"
-        )
-    digest = sha256_of(checkpoint)
-    num_parameters = sum(p.numel() for p in ckpt.model.parameters())
-    batches = parity_lib.parity_batches(preprocess.image_size, [int(b) for b in parity_batch_sizes])
-    model = ckpt.model.eval()
-
-    def reference(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(normalize(pixels, preprocess))).numpy()
-
-    try:
-        references = [reference(b.pixels) for b in batches]
-    except Exception as exc:
-        raise ExportError(f"PyTorch cannot run the model: {_first_line(exc)}") from exc
-    if not all(np.all(np.isfinite(r)) for r in references):
-        raise ExportError(
-            "PyTorch's own logits contain NaN or inf on the parity images; the checkpoint's weights are broken"
-        )
-    steps.done(
-        "load",
-        f"{name}: {num_parameters / 1e6:.1f}M parameters, {preprocess.image_size}x{preprocess.image_size}, "
-        f"{config.num_classes} classes, sha256 {digest[:12]}; PyTorch logits of {sum(b.batch_size for b in batches)} "
-        "parity images",
-    )
-
-    # trace --------------------------------------------------------------------------------------
-    dtype = torch.float16 if fp16 else torch.float32
-    wrapper = ExportWrapper(to_fp16(model) if fp16 else model, preprocess, input_format, dtype).eval()
-    example_pixels = np.concatenate([b.pixels for b in batches])[:2]
-    if example_pixels.shape[0] < 2:  # a batch of 1 lets torch.export specialize the batch axis
-        example_pixels = np.concatenate([example_pixels, example_pixels])
-    example = torch.from_numpy(parity_lib.model_input(example_pixels, input_format, preprocess))
-    proto = (_trace_dynamo if exporter == "dynamo" else _trace_torchscript)(wrapper, example, opset)
-    del wrapper
-    _check_signature(proto, input_format, preprocess.image_size, config.num_classes)
-    proto.producer_name, proto.producer_version = "stageformer", _versions()["stageformer_version"]
-    proto.graph.name = name
-    proto.doc_string = f"stageformer model {name}: {config.num_classes}-class image classifier"
-    weight_bytes = _initializer_bytes(proto)
-    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    if not external:
-        try:
-            onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"the exported graph is not valid ONNX: {_first_line(exc)}") from exc
-    steps.done(
-        "trace",
-        f"torch.onnx {exporter} exporter, opset {opset}, {'fp16' if fp16 else 'fp32'}, {input_format} input: "
-        f"{len(proto.graph.node)} nodes, {weight_bytes / 1e6:.1f} MB of weights",
-    )
-
-    # check --------------------------------------------------------------------------------------
-    with contextlib.ExitStack() as stack:
-        if external:  # ONNX Runtime cannot take a >2 GB model from memory: stage it in a temporary directory
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stageformer-export-")))
-            onnx.save_model(copy.deepcopy(proto), str(tmp / "model.onnx"), save_as_external_data=True)
-            model_source: bytes | str = str(tmp / "model.onnx")
-        else:
-            model_source = proto.SerializeToString()
-        gate = functools.partial(
-            _gate, model_source, reference, references, batches, input_format, preprocess, tolerance
-        )
-        report = gate("CPUExecutionProvider")
-        cuda_report = gate("CUDAExecutionProvider") if fp16 and cuda_works() else None
-    for checked in (report, cuda_report):
-        if checked is not None and not checked.passed:
-            steps.done("check", checked.summary())
-            hint = (
-                "fp16 rounding grows with the size of the activations: if the top-1 agreement is acceptable, "
-                "loosen --atol; otherwise export without --fp16"
-                if fp16
-                else "a difference this large means the graph computes something else than PyTorch: "
-                "try another --opset or --exporter"
-            )
-            raise ParityError(f"parity gate failed: {checked.summary()}. Nothing was written; {hint}", checked)
-    steps.done("check", report.summary() + (f"; {cuda_report.summary()}" if cuda_report else ""))
-
-    # save ---------------------------------------------------------------------------------------
-    parity_figures = report.to_dict()
-    if cuda_report is not None:
-        parity_figures["cuda"] = cuda_report.to_dict()
-    extra = {k: v for k, v in ckpt.metadata.items() if k not in (*CHECKPOINT_REQUIRED_KEYS, VERSION_KEY)}
-    metadata = {
-        "format": ONNX_FORMAT,
-        "format_version": str(ONNX_FORMAT_VERSION),
-        "name": name,
-        "config": ckpt.metadata["config"],
-        "preprocess": ckpt.metadata["preprocess"],
-        "labels": ckpt.metadata["labels"],
-        "input_format": input_format,
-        "precision": "fp16" if fp16 else "fp32",
-        "opset": str(opset),
-        "exporter": exporter,
-        "parity": json.dumps(parity_figures, sort_keys=True),
-        "checkpoint_file": checkpoint.name,
-        "checkpoint_sha256": digest,
-        "checkpoint_metadata": json.dumps(extra, sort_keys=True),
-        **_versions(),
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    _set_metadata(proto, metadata)
-    external_path = _save_atomic(proto, output, external)
-    size = output.stat().st_size + (external_path.stat().st_size if external_path else 0)
-    steps.done(
-        "save", f"wrote {output} ({size / 1e6:.1f} MB)" + (f" and {external_path.name}" if external_path else "")
-    )
-
-    # triton -------------------------------------------------------------------------------------
-    triton_dir = None
-    if triton_repo is not None:
-        triton_model = TritonModel(
-            name,
-            input_format,
-            preprocess.image_size,
-            config.num_classes,
-            triton_max_batch_size,
-            triton_max_queue_delay_us,
-        )
-        triton_dir = write_repository(triton_repo, triton_model, output, ckpt.labels, external_path)
-        steps.done("triton", f"wrote {triton_dir}/config.pbtxt, labels.txt, 1/model.onnx")
-
-    total = steps.total()
-    steps.done("done", f"exported {name} in {total:.1f} s")
-    return ExportReport(
-        output_path=output,
-        name=name,
-        checkpoint_path=checkpoint,
-        checkpoint_sha256=digest,
-        input_format=input_format,
-        precision="fp16" if fp16 else "fp32",
+    options = _Options(
+        checkpoint=Path(checkpoint_path),
+        output=Path(output_path),
+        input_format=input,
         opset=opset,
         exporter=exporter,
-        num_parameters=num_parameters,
-        parity=report,
+        precision=FP16 if fp16 else FP32,
+        atol=float(atol) if atol is not None else (DEFAULT_FP16_ATOL if fp16 else DEFAULT_ATOL),
+        name=name if name is not None else Path(checkpoint_path).stem,
+        parity_batch_sizes=tuple(int(b) for b in parity_batch_sizes),
+        triton_repo=Path(triton_repo) if triton_repo is not None else None,
+        triton_max_batch_size=triton_max_batch_size,
+        triton_max_queue_delay_us=triton_max_queue_delay_us,
+    )
+    _check_options(options)
+
+    loaded = _load(options, steps)
+    proto = _trace(options, loaded, steps)
+    parity, parity_cuda = _check(options, loaded, proto, steps)
+    metadata = _metadata(options, loaded, parity, parity_cuda)
+    external_path, size = _save(proto, options.output, metadata, steps)
+    triton_dir = _write_triton(options, loaded, external_path, steps)
+    steps.done("done", f"exported {options.name} in {steps.total():.1f} s")
+    return ExportReport(
+        output_path=options.output,
+        name=options.name,
+        checkpoint_path=options.checkpoint,
+        checkpoint_sha256=loaded.digest,
+        input_format=options.input_format,
+        precision=options.precision,
+        opset=options.opset,
+        exporter=options.exporter,
+        num_parameters=loaded.num_parameters,
+        parity=parity,
         file_size=size,
         timings=dict(steps.timings),
-        parity_cuda=cuda_report,
+        parity_cuda=parity_cuda,
         external_data_path=external_path,
         triton_model_dir=triton_dir,
         metadata=metadata,
