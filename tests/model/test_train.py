@@ -359,15 +359,15 @@ def test_digits_are_dark_ink_on_light_paper() -> None:
     pytest.importorskip("sklearn")
     config = PreprocessConfig(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "bilinear")
     splits = load_data("digits", config)
-    assert (len(splits.train), len(splits.val)) == (1438, 359)
+    assert len(splits.val) == 359 and len(splits.train) > 1438  # training adds typed and drawn digits (test_digits.py)
     assert splits.labels == [str(i) for i in range(10)]
     image = splits.val.image(0)
     assert image.mode == "RGB" and image.size == (32, 32)
     pixels = np.asarray(image)
     assert np.median(pixels) > 200 and pixels.min() < 60  # light paper, dark ink
     assert np.array_equal(pixels, preprocess(image, config))  # already at the served size
-    augmented = DigitAugment(config)(image, np.random.default_rng(1))
-    assert augmented.shape == (32, 32, 3) and np.median(augmented) > 150
+    augmented = DigitAugment(config)(image, np.random.default_rng(1))  # either polarity: the demo reads both
+    assert augmented.dtype == np.uint8 and augmented.shape == (32, 32, 3)
     blank = render_digit(np.zeros((8, 8)), 32)
     assert np.asarray(blank).min() == 255
 
