@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import servers
-from bench.workloads import WORKLOADS
+from bench.workloads import PARTS, THREAD_VARIANTS, THREAD_WORKLOADS, WORKLOADS
 
 if TYPE_CHECKING:
     from bench.runner import BenchConfig
@@ -23,9 +23,11 @@ if TYPE_CHECKING:
 BENCH_DIR = Path(__file__).resolve().parent
 
 DESCRIPTION = (
-    "Measure engines (PyTorch eager vs ONNX Runtime), serving under load (stageformer /v1 and /v2 against a "
-    "plain FastAPI server and LitServe, on the same ONNX file and JPEG files) and the in-process limit; write "
-    "report.md, results.json and PNG plots. The full run takes 16 to 20 minutes on 2 CPU cores, --quick a few minutes."
+    "Measure engines (PyTorch eager vs ONNX Runtime), decoding, serving under load (stageformer /v1 and /v2 against "
+    "plain FastAPI endpoints and LitServe, on the same ONNX file and JPEG files) and the in-process limit, our "
+    "server's thread settings, and int8 against fp32; write report.md, results.json and PNG plots. The full run "
+    "takes about 45 minutes on 2 CPU cores, --quick about 10. `python -m bench gpu` checks the GPU path instead "
+    "(see bench/gpu.py)."
 )
 
 QUICK = {
@@ -34,6 +36,10 @@ QUICK = {
     "budget_s": 0.5,
     "engine_batch_sizes": (1, 8),
     "limit_batch_sizes": (1, 8, 16),
+    "thread_variants": ("defaults", "threads=1,instances=2", "threads=2,decode-workers=1"),
+    "thread_duration_s": 3.0,
+    "int8_concurrency": (16,),
+    "calibration_images": 16,
 }
 
 
@@ -71,6 +77,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-batch-sizes", type=_ints, default=(1, 8, 32), help="default 1,8,32")
     parser.add_argument("--limit-batch-sizes", type=_ints, default=(1, 2, 4, 8, 16), help="default 1,2,4,8,16")
     parser.add_argument("--no-engine", action="store_true", help="skip the PyTorch/ONNX Runtime engine comparison")
+    parser.add_argument(
+        "--skip", nargs="+", default=[], choices=PARTS, metavar="PART",
+        help=f"parts not to run, of {', '.join(PARTS)}",
+    )  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=PARTS, metavar="PART", help="run only these parts")
+    parser.add_argument(
+        "--thread-variants", nargs="+", metavar="SPEC",
+        help="server thread settings for the threads study, e.g. defaults threads=1,instances=2 "
+        f"(default: {' '.join(THREAD_VARIANTS)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--thread-workloads", nargs="+", metavar="PRESET", help=f"default: {', '.join(THREAD_WORKLOADS)}"
+    )
+    parser.add_argument(
+        "--thread-concurrency", type=_ints, default=(1, 16), help="client counts of the threads study (default 1,16)"
+    )
+    parser.add_argument(
+        "--thread-duration", type=float, default=6.0, help="measured seconds per level and variant (default 6)"
+    )
+    parser.add_argument(
+        "--mosaics", type=int, default=2, help="12-megapixel JPEGs for the decoding figures (default 2; 0: none)"
+    )
+    parser.add_argument("--int8-workload", default="poolformer_s12", metavar="PRESET", help="default poolformer_s12")
+    parser.add_argument(
+        "--calibration-images", type=int, help="int8 calibration images made from the photos (default 48)"
+    )
+    parser.add_argument(
+        "--int8-concurrency", type=_ints, default=(1, 16), help="client counts of the int8 rows (default 1,16)"
+    )
     parser.add_argument("--images", type=int, default=8, help="how many JPEG files to send in turn (default 8)")
     parser.add_argument("--synthetic-images", action="store_true", help="synthetic pictures instead of photos")
     parser.add_argument(
@@ -99,7 +134,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "warmup_s": args.warmup,
         "budget_s": args.budget,
         "max_requests": args.max_requests,
-        "run_engine": not args.no_engine,
+        "parts": _parts(args),
+        "thread_workloads": tuple(args.thread_workloads or THREAD_WORKLOADS),
+        "thread_concurrency": args.thread_concurrency,
+        "thread_duration_s": args.thread_duration,
+        "int8_workload": args.int8_workload,
+        "int8_concurrency": args.int8_concurrency,
+        "mosaics": args.mosaics,
         "engine_batch_sizes": args.engine_batch_sizes,
         "limit_batch_sizes": args.limit_batch_sizes,
         "images": args.images,
@@ -107,9 +148,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "serve_args": tuple(args.serve_arg),
         "cache_dir": args.cache_dir,
     }
+    given = {"thread_variants": args.thread_variants, "calibration_images": args.calibration_images}
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
     if args.quick:
-        values.update(QUICK)
+        values.update({k: v for k, v in QUICK.items() if given.get(k) is None})
     return BenchConfig(**values)
+
+
+def _parts(args: argparse.Namespace) -> tuple[str, ...]:
+    skipped = {*args.skip, *(["engine"] if args.no_engine else [])}
+    return tuple(p for p in (args.only or PARTS) if p not in skipped)
 
 
 def run(args: argparse.Namespace) -> int:

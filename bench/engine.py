@@ -5,8 +5,6 @@
 - ``limit``: ONNX Runtime through the server's own runtime (``service.runtime.OnnxModel``: the same
   session options, provider and GPU buckets) at its best batch size, on pixels already decoded and
   preprocessed: what a server could reach if HTTP, decoding and batching cost nothing.
-- ``decode_cost``: milliseconds per image of JPEG decoding and preprocessing (``service.images.prepare``),
-  on one thread.
 
 Each figure is the median of several timed calls after a warm-up call, so a short stall of the machine
 moves it little.
@@ -25,13 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from bench.images import ImageSet
 from bench.workloads import Workload, export_workload
 
 logger = logging.getLogger(__name__)
 
 ENGINE_BATCH_SIZES = (1, 8, 32)
-LIMIT_BATCH_SIZES = (1, 2, 4, 8, 16)  # up to the server's default --max-batch-size
+LIMIT_BATCH_SIZES = (1, 2, 4, 8, 16)  # the bench adds the batch size our server chose
 
 
 @dataclass
@@ -156,7 +153,7 @@ def engine_rows(
     return rows
 
 
-# --- the limit and decoding ---------------------------------------------------------------------
+# --- the limit ------------------------------------------------------------------------------------
 
 
 def limit(
@@ -214,12 +211,12 @@ def limit(
 
 def combine_limits(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Several ``limit`` measurements (one per round of the serving runs) as one: per batch size the
-    mean images/s, and the best batch size of those means."""
+    mean images/s of the rounds that measured it, and the best batch size of those means."""
     if not rounds:
         raise ValueError("no limit measurements to combine")
     per_batch: dict[int, dict[str, Any]] = {}
-    for batch in rounds[0]["per_batch"]:
-        values = [r["per_batch"][batch]["images_per_s"] for r in rounds]
+    for batch in sorted({int(b) for r in rounds for b in r["per_batch"]}):
+        values = [v for v in (_at(r, batch) for r in rounds) if v is not None]
         per_batch[batch] = {"images_per_s": statistics.fmean(values), "rounds": values}
     best = max(per_batch, key=lambda b: per_batch[b]["images_per_s"])
     return {
@@ -231,13 +228,7 @@ def combine_limits(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def decode_cost(images: ImageSet, preprocess: Any, budget_s: float = 1.0) -> dict[str, float]:
-    """Milliseconds per image to decode a JPEG and preprocess it (``service.images.prepare``), one thread."""
-    from service.images import prepare
-
-    def call() -> None:
-        for jpeg in images.jpegs:
-            prepare(jpeg, preprocess, 40_000_000)
-
-    timing = measure(call, len(images.jpegs), budget_s)
-    return {"ms_per_image": 1000.0 / timing.images_per_s, "images_per_s": timing.images_per_s}
+def _at(measured: dict[str, Any], batch: int) -> float | None:
+    """images/s at ``batch`` of one limit measurement (keys are ints, or strings after a trip through JSON)."""
+    found = measured["per_batch"].get(batch, measured["per_batch"].get(str(batch)))
+    return None if found is None else float(found["images_per_s"])

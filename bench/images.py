@@ -5,6 +5,9 @@ rocket, ...), read as files with Pillow, so nothing is downloaded. Each is scale
 size (longest side 640 pixels) and saved as a JPEG of quality 90. Without scikit-image the set is
 made of synthetic pictures instead (smooth gradients with shapes and noise, also saved as JPEG), and
 the report says so.
+
+``load_mosaics`` makes camera-sized JPEGs (12 megapixels, what a phone uploads) for the decoding figures:
+tiles cut from the same photos at their full resolution, so the detail is a photograph's, not an upscale's.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ PHOTOS = (
 )
 LONG_SIDE = 640
 QUALITY = 90
+MOSAIC_SIZE = (4032, 3024)  # a 12-megapixel phone camera's frame
+MOSAIC_TILE = 336  # tiles of this side, cut from the photos at full resolution
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,9 @@ def _skimage_data() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _to_jpeg(image: Image.Image) -> bytes:
+def _to_jpeg(image: Image.Image, long_side: int | None = LONG_SIDE) -> bytes:
     image = image.convert("RGB")
-    scale = LONG_SIDE / max(image.size)
+    scale = long_side / max(image.size) if long_side else 1.0
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
@@ -104,3 +109,48 @@ def load_images(count: int = 8, synthetic: bool = False) -> ImageSet:
         names.append(f"{path.stem}-{i}.jpg")
         files.append(_to_jpeg(image))
     return ImageSet(tuple(names), tuple(files), "scikit-image photos")
+
+
+def _photo_images() -> list[Image.Image]:
+    folder = _skimage_data()
+    images = []
+    for name in PHOTOS:
+        path = folder / name if folder is not None else None
+        if path is not None and path.is_file():
+            with Image.open(path) as opened:
+                images.append(opened.convert("RGB"))
+    return images
+
+
+def mosaic(photos: list[Image.Image], seed: int, size: tuple[int, int] = MOSAIC_SIZE) -> Image.Image:
+    """A picture of ``size`` tiled with ``MOSAIC_TILE``-pixel squares cut at random places from ``photos`` at their
+    full resolution (photos smaller than a tile are left out), some mirrored."""
+    usable = [p for p in photos if min(p.size) >= MOSAIC_TILE]
+    if not usable:
+        raise ValueError(f"no photo is at least {MOSAIC_TILE} pixels on its short side")
+    rng = np.random.default_rng(seed)
+    canvas = Image.new("RGB", size)
+    for top in range(0, size[1], MOSAIC_TILE):
+        for left in range(0, size[0], MOSAIC_TILE):
+            photo = usable[int(rng.integers(len(usable)))]
+            x = int(rng.integers(0, photo.width - MOSAIC_TILE + 1))
+            y = int(rng.integers(0, photo.height - MOSAIC_TILE + 1))
+            tile = photo.crop((x, y, x + MOSAIC_TILE, y + MOSAIC_TILE))
+            if rng.random() < 0.5:
+                tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            canvas.paste(tile, (left, top))
+    return canvas
+
+
+def load_mosaics(count: int = 2, synthetic: bool = False, size: tuple[int, int] = MOSAIC_SIZE) -> ImageSet:
+    """``count`` camera-sized JPEGs (``size``, quality 90): mosaics of the photos at full resolution, or synthetic
+    pictures of that size when scikit-image is absent or ``synthetic`` is set."""
+    photos = [] if synthetic else _photo_images()
+    if photos:
+        pictures = [mosaic(photos, seed, size) for seed in range(count)]
+        source = f"mosaics of scikit-image photos at full resolution, {size[0]}x{size[1]}"
+    else:
+        pictures = [synthetic_image(seed, size) for seed in range(count)]
+        source = f"synthetic, {size[0]}x{size[1]}"
+    jpegs = tuple(_to_jpeg(p, long_side=None) for p in pictures)
+    return ImageSet(tuple(f"mosaic-{i}.jpg" for i in range(count)), jpegs, source)

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = export_workload(workload, cache / "models")
     images = load_images(8)
     info, pixels = servers.model_inputs(onnx_path, images)
-    server = servers.SERVERS[args.system]
+    system = servers.STANDARD[args.system]
+    server = system.server
     port = free_port()
     batch_log = cache / "logs" / "profile-batches.txt"
     argv_, health = servers.start_command(server, onnx_path, port, args.serve_arg, batch_log)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         record += ["--duration", str(int(args.seconds)), "--rate", "200", "--format", "raw", "--output", str(raw)]
         if args.native:
             record.append("--native")
-        requests = servers.requests_for(args.system, port, info.name, images, pixels)
+        requests = servers.requests_for(system, port, info.name, images, pixels)
         plan = LoadPlan(args.concurrency, args.seconds + 2.0, warmup_s=1.0)
         spy = threading.Thread(target=lambda: subprocess.run(record, check=False, capture_output=True))
         spy.start()

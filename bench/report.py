@@ -7,117 +7,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.servers import LITSERVE, OURS_V1, OURS_V2, PLAIN
+from bench.servers import LITSERVE, OURS_V1, OURS_V2, PLAIN, PLAIN_OWN
+from bench.targets import Check, level, ratio, summary, targets
 
-OURS = OURS_V1  # the server's figure that peers are compared with: the same JPEG files, the same route kind
-COLOURS = {OURS_V1: "tab:blue", OURS_V2: "tab:cyan", PLAIN: "tab:red", LITSERVE: "tab:green"}
+__all__ = ["markdown", "plot_files", "targets", "write"]
 
-
-def _level(results: dict[str, Any], workload: str, system: str, concurrency: int) -> dict[str, Any] | None:
-    serving = results.get("workloads", {}).get(workload, {}).get("serving", {})
-    for level in serving.get(system, {}).get("levels", []):
-        if level["concurrency"] == concurrency:
-            found: dict[str, Any] = level
-            return found
-    return None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
-        return None
-    return a / b
-
-
-def _workload_key(results: dict[str, Any], preset: str) -> str | None:
-    for key, data in results.get("workloads", {}).items():
-        if data.get("preset") == preset:
-            return str(key)
-    return None
-
-
-# --- targets ------------------------------------------------------------------------------------
-
-
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with what was measured and whether it is met (None: not measured)."""
-    rows: list[dict[str, Any]] = []
-
-    key = _workload_key(results, "poolformer_s12")
-    level = _level(results, key, OURS, 16) if key else None
-    limit = results["workloads"][key]["limit"]["images_per_s"] if key else None
-    ratio = _ratio(level["throughput"] if level else None, limit)
-    measured = "not measured"
-    if ratio is not None and level and limit:
-        measured = f"{ratio:.2f} of the limit ({level['throughput']:.1f} / {limit:.1f} images/s, JPEG files)"
-        v2 = _level(results, key, OURS_V2, 16) if key else None
-        if v2:
-            measured += f"; {OURS_V2} {_ratio(v2['throughput'], limit):.2f}"
-    rows.append(
-        {
-            "target": f"poolformer_s12@224: {OURS} throughput at 16 clients >= 0.85 of the in-process limit",
-            "measured": measured,
-            "met": None if ratio is None else ratio >= 0.85,
-        }
-    )
-
-    key = _workload_key(results, "xformers_cifar_metaformer")
-    ours = _level(results, key, OURS, 64) if key else None
-    plain = _level(results, key, PLAIN, 64) if key else None
-    if ours and plain:
-        ratio = _ratio(ours["throughput"], plain["throughput"])
-        p99_ok = ours["latency_ms"]["p99"] <= plain["latency_ms"]["p99"]
-        rows.append(
-            {
-                "target": "xformers_cifar_metaformer@32: >= 1.5x plain FastAPI throughput at 64 clients, p99 no worse",
-                "measured": f"{ratio:.2f}x; p99 {ours['latency_ms']['p99']:.0f} vs {plain['latency_ms']['p99']:.0f} ms",
-                "met": ratio is not None and ratio >= 1.5 and p99_ok,
-            }
-        )
-    else:
-        rows.append(
-            {
-                "target": "xformers_cifar_metaformer@32: >= 1.5x plain FastAPI at 64",
-                "measured": "not measured",
-                "met": None,
-            }
-        )
-
-    worst: list[str] = []
-    met: bool | None = None
-    for key in results.get("workloads", {}):
-        for level in results["workloads"][key]["serving"].get(OURS, {}).get("levels", []):
-            peer = _level(results, key, LITSERVE, level["concurrency"])
-            if peer is None:
-                continue
-            ratio = _ratio(level["throughput"], peer["throughput"])
-            ok = ratio is not None and ratio >= 1.0 and level["latency_ms"]["p99"] <= peer["latency_ms"]["p99"]
-            met = ok if met is None else (met and ok)
-            if not ok:
-                worst.append(
-                    f"{key} c={level['concurrency']}: {ratio:.2f}x, p99 {level['latency_ms']['p99']:.0f} vs "
-                    f"{peer['latency_ms']['p99']:.0f} ms"
-                    if ratio is not None
-                    else f"{key} c={level['concurrency']}: no throughput"
-                )
-    lowest = _lowest_ratio(results, LITSERVE)
-    measured = "not measured" if met is None else (f"lowest {lowest:.2f}x" if lowest is not None else "")
-    if worst:
-        measured += "; missed at " + "; ".join(worst)
-    rows.append(
-        {"target": ">= 1.0x LitServe's throughput at every concurrency, p99 no worse", "measured": measured, "met": met}
-    )
-    return rows
-
-
-def _lowest_ratio(results: dict[str, Any], peer: str) -> float | None:
-    ratios = []
-    for key in results.get("workloads", {}):
-        for level in results["workloads"][key]["serving"].get(OURS, {}).get("levels", []):
-            other = _level(results, key, peer, level["concurrency"])
-            r = _ratio(level["throughput"], other["throughput"] if other else None)
-            if r is not None:
-                ratios.append(r)
-    return min(ratios) if ratios else None
+COLOURS = {OURS_V1: "tab:blue", OURS_V2: "tab:cyan", PLAIN_OWN: "tab:orange", PLAIN: "tab:red", LITSERVE: "tab:green"}
+STATE = {True: "met", False: "missed", None: "not measured"}
 
 
 # --- Markdown -----------------------------------------------------------------------------------
@@ -137,16 +33,75 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
     ]
 
 
+def _marked(check: Check, digits: int = 2, suffix: str = "") -> str:
+    """A figure, with ✓ or ✗ and its bound where a target sets one."""
+    text = _fmt(check.value, digits, suffix)
+    if check.met is None:
+        return text
+    sign = "≤" if check.at_most else "≥"
+    return f"{text} {'✓' if check.met else '✗'} ({sign} {_fmt(check.bound, digits, suffix)})"
+
+
 def machine_lines(meta: dict[str, Any]) -> list[str]:
     m = meta["machine"]
     gpu = ", ".join(m["gpus"]) if m["gpus"] else "none"
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     load = m.get("load_average_at_start")
-    return [
+    end = meta.get("load_average_at_end")
+    lines = [
         f"- CPU: {m['cpu']}, {m['cores']} cores, {_fmt(m.get('memory_gib'))} GiB memory; GPU: {gpu}",
         f"- {m['os']}, Python {m['python']}; {versions}",
-        f"- load average when the run started: {', '.join(map(str, load)) if load else 'unknown'}",
+        f"- load average when the run started: {', '.join(map(str, load)) if load else 'unknown'}"
+        + (f"; when it ended: {', '.join(map(str, end))}" if end else ""),
     ]
+    return lines
+
+
+def summary_section(results: dict[str, Any]) -> list[str]:
+    """Per workload and level: our /v1 against the limit and the peers, with each target's mark."""
+    rows = []
+    for row in summary(results):
+        checks, ours = row["checks"], row["ours"]
+        rows.append(
+            [
+                row["workload"],
+                str(row["concurrency"]),
+                _fmt(ours["throughput"]),
+                _marked(checks["of_limit"]),
+                _marked(checks["x_plain"], suffix="x"),
+                _marked(checks["p99_vs_plain"], 0),
+                _marked(checks["x_litserve"], suffix="x"),
+                _marked(checks["p99_vs_litserve"], 0),
+                _marked(checks["p50_vs_plain"], 1) if checks["p50_vs_plain"].bound is not None else "",
+            ]
+        )
+    if not rows:
+        return []
+    header = [
+        "workload",
+        "clients",
+        f"{OURS_V1} req/s",
+        "of limit",
+        f"× {PLAIN_OWN}",
+        "p99 ms vs plain",
+        "× LitServe",
+        "p99 ms vs LitServe",
+        "p50 ms vs plain",
+    ]
+    lines = [
+        "## Summary",
+        "",
+        f"Our `/v1` (JPEG files) against the in-process limit, the idiomatic endpoint ({PLAIN_OWN}) and LitServe, "
+        "measured side by side. Where a target applies, the cell says ✓ or ✗ and the bound: a ratio's least "
+        "value, or the peer's latency (for p50 at 1 client: plain's plus 10%).",
+        "",
+        *_table(header, rows, "lrrrrrrrr"),
+        "",
+        "## Targets",
+        "",
+    ]
+    items = [[t["target"], t["measured"], STATE[t["met"]]] for t in targets(results)]
+    return [*lines, *_table(["target", "measured", ""], items, "lll"), ""]
 
 
 def engine_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -166,10 +121,80 @@ def engine_section(rows: list[dict[str, Any]]) -> list[str]:
         if torch_cpu and ort_cpu:
             table.append(
                 ["ONNX Runtime / PyTorch, CPU"]
-                + [_fmt(_ratio(ort_cpu.get(b), torch_cpu.get(b)), 2, "x") for b in batches]
+                + [_fmt(ratio(ort_cpu.get(b), torch_cpu.get(b)), 2, "x") for b in batches]
             )
         lines += [f"### {workload}", "", *_table(["engine"] + [f"batch {b}" for b in batches], table), ""]
     return lines
+
+
+def decoding_section(results: dict[str, Any]) -> list[str]:
+    """Decoding cost and the model input's difference from the exact path, per workload and image set."""
+    rows = []
+    oversample = None
+    for name, data in results.get("workloads", {}).items():
+        study = data.get("decode", {}).get("study")
+        if not study:
+            continue
+        oversample = study["oversample"]
+        for label, figures in study["sets"].items():
+            ms = figures["ms_per_image"]
+            for way, value in ms.items():
+                diff = figures["vs_exact"].get(way)
+                rows.append(
+                    [
+                        f"{name} (resize to {study['resize_to']})",
+                        f"{label} ({', '.join(figures['sizes']) if len(figures['sizes']) < 3 else 'up to 640 px'})",
+                        way,
+                        _fmt(value, 2),
+                        _fmt(ratio(ms["exact"], value), 2, "x") if way != "exact" else "",
+                        _psnr(diff),
+                        "" if diff is None else str(diff["max_abs"]),
+                    ]
+                )
+    if not rows:
+        return []
+    header = ["workload", "images", "decoding", "ms/image", "speed-up", "PSNR dB (min / mean)", "max |Δ|"]
+    return [
+        "## Decoding",
+        "",
+        "From JPEG bytes to the model's `uint8` input on one thread: `exact` decodes every pixel (`--decode exact`), "
+        f"`fast` lets libjpeg decode at 1/2, 1/4 or 1/8 scale while the short side stays at least {oversample:g} "
+        "times the resize target (`--decode fast`, the default), and `plain (own decode)` is the idiomatic peer's "
+        "`draft()` to the resize target itself. PSNR and the largest difference of one pixel value compare the "
+        "model input with the exact path's, image by image (`identical`: equal on every image). The 12-megapixel "
+        "photos are mosaics of tiles cut from the same photos at full resolution (4032x3024, a phone camera's "
+        "frame); the bench photos are too small for reduced-scale decoding at 224 unless the target allows it.",
+        "",
+        *_table(header, rows, "lllrrrr"),
+        "",
+    ]
+
+
+def _psnr(diff: dict[str, Any] | None) -> str:
+    if diff is None:
+        return ""
+    if diff["psnr_min_db"] is None:
+        return "identical"
+    same = f"; {diff['identical']} identical" if diff["identical"] else ""
+    return f"{diff['psnr_min_db']:.1f} / {diff['psnr_mean_db']:.1f}{same}"
+
+
+def _batch_line(data: dict[str, Any]) -> str:
+    batch = data.get("batch_size") or {}
+    if not batch:
+        return ""
+    per_start = batch.get("chosen_per_start", [])
+    own = ", ".join(f"{b}: {v:.1f}" for b, v in batch.get("server_images_per_s", {}).items())
+    starts = (
+        f"at every one of its {len(per_start)} starts"
+        if len(set(per_start)) == 1
+        else f"at its starts: {', '.join(map(str, per_start))}"
+    )
+    return (
+        f"- batch size (`--max-batch-size auto`): our server chose {batch['chosen']} {starts} (its start-up "
+        f"measurement, images/s by batch size: {own}); in-process here: {_fmt(batch.get('limit_at_chosen'))} images/s "
+        f"at batch {batch['chosen']}, {_fmt(batch.get('limit_at_1'))} at batch 1"
+    )
 
 
 def workload_section(name: str, data: dict[str, Any], plot: str | None) -> list[str]:
@@ -182,54 +207,19 @@ def workload_section(name: str, data: dict[str, Any], plot: str | None) -> list[
         f"- limit: {limit['images_per_s']:.1f} images/s ({limit['provider']}, in-process, decoded inputs, best batch "
         f"{limit['best_batch']}, mean of {limit.get('measurements', 1)} measurements taken between the serving "
         f"rounds; by batch size {per_batch})",
-        f"- JPEG decoding and preprocessing: {decode['ms_per_image']:.2f} ms per image on one thread "
-        f"({decode['ms_per_image'] * limit['images_per_s'] / 1000:.2f} of a core at the limit's rate)",
-        "",
+        f"- JPEG decoding and preprocessing as the server does by default: {decode['ms_per_image']:.2f} ms per image "
+        f"on one thread ({decode['ms_per_image'] * limit['images_per_s'] / 1000:.2f} of a core at the limit's rate)",
     ]
-    header = [
-        "system",
-        "clients",
-        "req/s",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "mean batch",
-        "errors",
-        "× plain",
-        "× LitServe",
-        "of limit",
-        "CPU ms/req",
-    ]
-    rows = []
-    for system, served in data["serving"].items():
-        for level in served["levels"]:
-            c = level["concurrency"]
-            plain = _level({"workloads": {name: data}}, name, PLAIN, c)
-            lit = _level({"workloads": {name: data}}, name, LITSERVE, c)
-            rows.append(
-                [
-                    system,
-                    str(c),
-                    _fmt(level["throughput"]),
-                    _fmt(level["latency_ms"]["p50"]),
-                    _fmt(level["latency_ms"]["p95"]),
-                    _fmt(level["latency_ms"]["p99"]),
-                    _fmt(level.get("mean_batch"), 1),
-                    str(level["errors"]),
-                    _fmt(_ratio(level["throughput"], plain["throughput"] if plain else None), 2, "x"),
-                    _fmt(_ratio(level["throughput"], lit["throughput"] if lit else None), 2, "x"),
-                    _fmt(_ratio(level["throughput"], limit["images_per_s"]), 2),
-                    _fmt(level.get("extra", {}).get("cpu_ms_per_request")),
-                ]
-            )
-    lines += _table(header, rows, "lrrrrrrrrrrr")
+    batch = _batch_line(data)
+    lines += [batch, ""] if batch else [""]
+    lines += serving_table(name, data)
     for system, reason in data.get("skipped", {}).items():
         lines += ["", f"{system}: not run: {reason}."]
     errors = [
-        f"- {system} at {level['concurrency']} clients: {level['first_error']}"
+        f"- {system} at {lv['concurrency']} clients: {lv['first_error']}"
         for system, served in data["serving"].items()
-        for level in served["levels"]
-        if level["errors"] and level.get("first_error")
+        for lv in served["levels"]
+        if lv["errors"] and lv.get("first_error")
     ]
     if errors:
         lines += ["", "First error per level that had errors:", "", *errors]
@@ -238,31 +228,39 @@ def workload_section(name: str, data: dict[str, Any], plot: str | None) -> list[
     return [*lines, ""]
 
 
-def markdown(results: dict[str, Any], plots: dict[str, str], command: str) -> str:
-    meta = results["meta"]
+def serving_table(name: str, data: dict[str, Any]) -> list[str]:
+    header = ["system", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "errors"]
+    header += ["× plain (own)", "× LitServe", "of limit", "CPU ms/req"]
+    doc = {"workloads": {name: data}}
+    rows = []
+    for system, served in data["serving"].items():
+        for lv in served["levels"]:
+            c = lv["concurrency"]
+            plain = level(doc, name, PLAIN_OWN, c)
+            lit = level(doc, name, LITSERVE, c)
+            rows.append(
+                [
+                    system,
+                    str(c),
+                    _fmt(lv["throughput"]),
+                    _fmt(lv["latency_ms"]["p50"]),
+                    _fmt(lv["latency_ms"]["p95"]),
+                    _fmt(lv["latency_ms"]["p99"]),
+                    _fmt(lv.get("mean_batch"), 1),
+                    str(lv["errors"]),
+                    _fmt(ratio(lv["throughput"], plain["throughput"] if plain else None), 2, "x"),
+                    _fmt(ratio(lv["throughput"], lit["throughput"] if lit else None), 2, "x"),
+                    _fmt(ratio(lv["throughput"], data["limit"]["images_per_s"]), 2),
+                    _fmt(lv.get("extra", {}).get("cpu_ms_per_request")),
+                ]
+            )
+    return _table(header, rows, "lrrrrrrrrrrr")
+
+
+def serving_intro(meta: dict[str, Any]) -> list[str]:
     config = meta["config"]
-    lines = [
-        "# stageformer benchmark",
-        "",
-        f"Run {meta['started']}, {_fmt(meta.get('duration_s'), 0)} s in all, with `{command}`.",
-        "",
-        "## Machine",
-        "",
-        *machine_lines(meta),
-        "",
-        "## Targets",
-        "",
-    ]
-    rows = [
-        [t["target"], t["measured"], {True: "met", False: "missed", None: "not measured"}[t["met"]]]
-        for t in targets(results)
-    ]
-    lines += [*_table(["target", "measured", ""], rows, "lll"), ""]
-    lines += engine_section(results.get("engine", []))
-    if plots.get("engine"):
-        lines += [f"![engines]({plots['engine']})", ""]
     images = meta["images"]
-    lines += [
+    lines = [
         "## Serving under load",
         "",
         "A closed loop: each client holds one keep-alive connection and sends its next request when the answer "
@@ -277,27 +275,198 @@ def markdown(results: dict[str, Any], plots: dict[str, str], command: str) -> st
         f"Images: {len(images['names'])} {images['source']} as JPEG files (mean {images['mean_bytes'] / 1000:.0f} kB; "
         f"{', '.join('x'.join(map(str, s)) for s in images['sizes'])}), sent in turn.",
         "",
-        f"- **{OURS_V1}**: `stageformer serve`, the JPEG files as multipart `file` parts to "
-        "`/v1/models/{model}/classify` (decoding, preprocessing and top-5 in the server).",
+        f"- **{OURS_V1}**: `stageformer serve` with its defaults (batch size measured at start-up, fast decoding), "
+        "the JPEG files as multipart `file` parts to `/v1/models/{model}/classify` (decoding, preprocessing and "
+        "top-5 in the server).",
         f"- **{OURS_V2}**: the same server, Open Inference Protocol with binary tensors: pixels the client decoded "
         "and preprocessed beforehand, as a KServe/Triton client sends them (no decoding in the server).",
-        f"- **{PLAIN}**: `bench/peers/plain_fastapi.py`, a plain `def` endpoint with `UploadFile`, one "
-        "`session.run` per request in FastAPI's default thread pool, no batching.",
+        f"- **{PLAIN_OWN}**: `bench/peers/fastapi_own_decode.py`, what a competent engineer writes in twenty lines: "
+        "a plain `def` endpoint with `UploadFile` (FastAPI's thread pool), its own Pillow decoding (`draft()` to the "
+        "resize target, `convert('RGB')`, resize of the short side, centre crop, the model's sizes and filter), one "
+        "`session.run` per request with ONNX Runtime's default options, no batching.",
+        f"- **{PLAIN}**: `bench/peers/plain_fastapi.py`, the same kind of endpoint decoding with the server's own "
+        "function (`service.images.prepare`, every pixel), so the two differ only in serving.",
         f"- **{LITSERVE}**: `bench/peers/litserve_peer.py`, LitServe with `max_batch_size=16`, "
-        f"`batch_timeout={config.get('litserve_batch_timeout_ms', 2.0):g} ms` (the server's defaults), one worker.",
+        f"`batch_timeout={config.get('litserve_batch_timeout_ms', 2.0):g} ms`, one worker, decoding with the "
+        "server's function.",
         "",
-        "All systems serve the same ONNX file, decode with the same function (`service.images.prepare`), answer "
-        "with the top 5 classes, and get the same requests from the same client. `× plain` and `× LitServe` "
-        "compare with the peer at the same concurrency; `of limit` divides by the in-process limit. "
-        "Mean batch comes from the server's `/metrics` (LitServe: from its batch log). `CPU ms/req` is the CPU "
-        "time the server's whole process group used per answered request (all threads and worker processes), a "
-        "measure of efficiency that other load on the machine moves far less than throughput.",
+        "All systems serve the same ONNX file, answer with the top 5 classes, and get the same requests from the "
+        f"same client. `× plain (own)` and `× LitServe` compare with {PLAIN_OWN} and LitServe at the same "
+        "concurrency; `of limit` divides by the in-process limit. Mean batch comes from the server's `/metrics` "
+        "(LitServe: from its batch log). `CPU ms/req` is the CPU time the server's whole process group used per "
+        "answered request (all threads and worker processes), a measure of efficiency that other load on the "
+        "machine moves far less than throughput.",
         "",
     ]
     if config.get("serve_args"):
         lines += [f"Server flags: `{' '.join(config['serve_args'])}`.", ""]
-    for name, data in results["workloads"].items():
+    return lines
+
+
+def threads_section(data: dict[str, Any] | None) -> list[str]:
+    """Our server's /v1 under each thread setting, per workload, and which setting did best."""
+    if not data or not data.get("workloads"):
+        return []
+    levels = data["concurrency"]
+    lines = [
+        "## Threads",
+        "",
+        "Our server's `/v1` (JPEG files) under each split of the cores, side by side in rotating rounds like the "
+        "serving comparison: `--threads` (ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide), "
+        "`--instances` (sessions per model, each with its own inference thread), `--decode-workers` (the decode "
+        "pool; 0 is one per CPU). uvicorn runs one event loop thread in every variant. `CPU` is the server's CPU "
+        "time per request at the highest level.",
+        "",
+    ]
+    header = ["variant"]
+    for c in levels:
+        header += [f"{c} client{'s' if c > 1 else ''} req/s", "p50 ms", "p99 ms"]
+    header += ["CPU ms/req", "batch size"]
+    for workload, systems in data["workloads"].items():
+        rows = []
+        for variant, served in systems.items():
+            row = [f"{variant} (`{' '.join(served.get('flags', [])) or 'no flags'}`)"]
+            for lv in served["levels"]:
+                row += [_fmt(lv["throughput"]), _fmt(lv["latency_ms"]["p50"]), _fmt(lv["latency_ms"]["p99"])]
+            row.append(_fmt(served["levels"][-1].get("extra", {}).get("cpu_ms_per_request")))
+            chosen = sorted({p.get("max_batch_size") for p in served.get("server", [])} - {None})
+            row.append(", ".join(map(str, chosen)))
+            rows.append(row)
+        lines += [f"### {workload}", "", *_table(header, rows, "l" + "r" * (len(header) - 1)), ""]
+        lines += [f"- {line}" for line in best_variants(systems, levels)] + [""]
+    overall = overall_variant(data)
+    if overall:
+        lines += [overall, ""]
+    return lines
+
+
+def best_variants(systems: dict[str, Any], levels: list[int]) -> list[str]:
+    lines = []
+    for i, c in enumerate(levels):
+        tps = {v: s["levels"][i]["throughput"] for v, s in systems.items()}
+        best = max(tps, key=lambda v: tps[v])
+        lines.append(
+            f"most requests/s at {c} client{'s' if c > 1 else ''}: {best} ({tps[best]:.1f}; defaults "
+            f"{_fmt(tps.get('defaults'))})"
+        )
+    return lines
+
+
+def overall_variant(data: dict[str, Any]) -> str:
+    """The variant with the highest geometric mean, over every workload and level, of its throughput relative
+    to the best variant's there."""
+    scores: dict[str, list[float]] = {}
+    for systems in data["workloads"].values():
+        for i in range(len(data["concurrency"])):
+            best = max(s["levels"][i]["throughput"] for s in systems.values()) or 1.0
+            for variant, s in systems.items():
+                scores.setdefault(variant, []).append(max(s["levels"][i]["throughput"], 1e-9) / best)
+    if not scores:
+        return ""
+    geo = {v: math.exp(sum(math.log(x) for x in xs) / len(xs)) for v, xs in scores.items()}
+    ranked = sorted(geo, key=lambda v: -geo[v])
+    return (
+        "Over all workloads and levels (geometric mean of each variant's throughput relative to the best one's "
+        "at the same workload and level): " + ", ".join(f"{v} {geo[v]:.2f}" for v in ranked) + "."
+    )
+
+
+def int8_section(data: dict[str, Any] | None) -> list[str]:
+    if not data:
+        return []
+    lines = ["## int8", ""]
+    if "limit" not in data:
+        return [*lines, f"int8 against fp32 for {data.get('workload')}: not measured: {data.get('skipped')}.", ""]
+    fp32, int8 = data["limit"]["fp32"], data["limit"]["int8"]
+    batches = sorted({int(b) for b in fp32["per_batch"]} & {int(b) for b in int8["per_batch"]})
+
+    def at(limit: dict[str, Any], b: int) -> float | None:
+        found = limit["per_batch"].get(b, limit["per_batch"].get(str(b)))
+        return None if found is None else float(found["images_per_s"])
+
+    rows = [
+        ["fp32", *[_fmt(at(fp32, b)) for b in batches]],
+        ["int8", *[_fmt(at(int8, b)) for b in batches]],
+        ["int8 / fp32", *[_fmt(ratio(at(int8, b), at(fp32, b)), 2, "x") for b in batches]],
+    ]
+    agreement = data["agreement"]
+    gate = data.get("export_gate", {})
+    lines += [
+        f"{data['workload']}, quantized by `stageformer export --quantize int8` (ONNX Runtime static quantization) "
+        f"with {data['calibration']['images']} calibration images made from the bench photos (crops, mirrors, "
+        "quarter turns). In-process images/s on random pixels by batch size, the two files measured in turn after "
+        "every serving round:",
+        "",
+        *_table(["precision", *[f"batch {b}" for b in batches]], rows),
+        "",
+        f"- best batch: int8 {int8['images_per_s']:.1f} images/s (batch {int8['best_batch']}) against fp32 "
+        f"{fp32['images_per_s']:.1f} (batch {fp32['best_batch']}): "
+        f"{_fmt(ratio(int8['images_per_s'], fp32['images_per_s']), 2, 'x')}",
+        f"- top-1 agreement of the int8 graph with the fp32 graph (ONNX Runtime): {agreement['top1_agreement']:.1%} of "
+        f"{agreement['images']} images (the bench photos and the calibration images); largest softmax difference "
+        f"{agreement['max_abs_softmax_diff']:.3f}",
+        f"- file size: fp32 {data['onnx_mb']['fp32']:.1f} MB, int8 {data['onnx_mb']['int8']:.1f} MB",
+    ]
+    if gate:
+        lines.append(f"- the export's own gate (against PyTorch fp32): `{_compact(gate)}`")
+    lines += ["", f"Served, `/v1` JPEG files, {OURS_V1} with its defaults on each file, side by side:", ""]
+    return [*lines, *int8_serving_table(data["serving"]), ""]
+
+
+def int8_serving_table(serving: dict[str, Any]) -> list[str]:
+    names = list(serving)
+    fp32 = {lv["concurrency"]: lv for lv in serving[names[0]]["levels"]} if names else {}
+    rows = []
+    for name, served in serving.items():
+        for lv in served["levels"]:
+            base = fp32.get(lv["concurrency"])
+            rows.append(
+                [
+                    name,
+                    str(lv["concurrency"]),
+                    _fmt(lv["throughput"]),
+                    _fmt(lv["latency_ms"]["p50"]),
+                    _fmt(lv["latency_ms"]["p99"]),
+                    _fmt(lv.get("mean_batch"), 1),
+                    str(lv["errors"]),
+                    _fmt(ratio(lv["throughput"], base["throughput"] if base else None), 2, "x"),
+                    _fmt(lv.get("extra", {}).get("cpu_ms_per_request")),
+                ]
+            )
+    header = ["system", "clients", "req/s", "p50 ms", "p99 ms", "mean batch", "errors", "× fp32", "CPU ms/req"]
+    return _table(header, rows)
+
+
+def _compact(value: Any, limit: int = 400) -> str:
+    import json
+
+    text = json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def markdown(results: dict[str, Any], plots: dict[str, str], command: str) -> str:
+    meta = results["meta"]
+    lines = [
+        "# stageformer benchmark",
+        "",
+        f"Run {meta['started']}, {_fmt(meta.get('duration_s'), 0)} s in all, with `{command}`.",
+        "",
+        "## Machine",
+        "",
+        *machine_lines(meta),
+        "",
+    ]
+    lines += summary_section(results)
+    lines += engine_section(results.get("engine", []))
+    if plots.get("engine"):
+        lines += [f"![engines]({plots['engine']})", ""]
+    lines += decoding_section(results)
+    if results.get("workloads"):
+        lines += serving_intro(meta)
+    for name, data in results.get("workloads", {}).items():
         lines += workload_section(name, data, plots.get(name))
+    lines += threads_section(results.get("threads"))
+    lines += int8_section(results.get("int8"))
     return "\n".join(lines).rstrip() + "\n"
 
 

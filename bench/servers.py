@@ -3,7 +3,10 @@
 - ``stageformer /v1``: ``stageformer serve MODEL.onnx``, JPEG files as multipart ``file`` parts;
 - ``stageformer /v2``: the same process, Open Inference Protocol with binary tensors (pixels decoded
   and preprocessed by the client beforehand, as a KServe/Triton client would send them);
-- ``plain FastAPI`` and ``LitServe``: the peers in ``bench.peers``, the same JPEG files as ``/v1``.
+- ``plain FastAPI (own decode)``, ``plain FastAPI`` and ``LitServe``: the peers in ``bench.peers``, the same
+  JPEG files as ``/v1``.
+
+Other systems (the threads study, int8) are the same server with other flags or another model file.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.images import ImageSet
 from bench.loadgen import Request, get, multipart_request
@@ -35,10 +38,45 @@ REPO = Path(__file__).resolve().parent.parent
 
 OURS_V1 = "stageformer /v1"
 OURS_V2 = "stageformer /v2"
+PLAIN_OWN = "plain FastAPI (own decode)"
 PLAIN = "plain FastAPI"
 LITSERVE = "LitServe"
-SYSTEMS = (OURS_V1, OURS_V2, PLAIN, LITSERVE)
-SERVERS = {OURS_V1: "stageformer", OURS_V2: "stageformer", PLAIN: "plain", LITSERVE: "litserve"}
+SYSTEMS = (OURS_V1, OURS_V2, PLAIN_OWN, PLAIN, LITSERVE)
+
+UNBATCHED = ("plain", "plain-own")  # server kinds that run one request per inference call
+
+
+@dataclass(frozen=True)
+class System:
+    """One way of serving a workload that the load generator measures: which server process (``server``,
+    with ``serve_args`` and, where it is not the workload's own file, ``model``) and which route
+    (``v1``: multipart JPEG, ``v2``: binary tensors, ``predict``: a peer's multipart JPEG route).
+    Systems with the same ``process`` share one server process."""
+
+    name: str
+    server: str  # "stageformer", "plain", "plain-own" or "litserve"
+    route: str  # "v1", "v2" or "predict"
+    serve_args: tuple[str, ...] = ()
+    model: Path | None = None
+
+    @property
+    def process(self) -> tuple[str, tuple[str, ...], str]:
+        return (self.server, self.serve_args, str(self.model or ""))
+
+    @property
+    def batches(self) -> bool:
+        """Whether the server batches requests (else every inference call has one image)."""
+        return self.server not in UNBATCHED
+
+
+STANDARD = {
+    OURS_V1: System(OURS_V1, "stageformer", "v1"),
+    OURS_V2: System(OURS_V2, "stageformer", "v2"),
+    PLAIN_OWN: System(PLAIN_OWN, "plain-own", "predict"),
+    PLAIN: System(PLAIN, "plain", "predict"),
+    LITSERVE: System(LITSERVE, "litserve", "predict"),
+}
+SERVERS = {name: system.server for name, system in STANDARD.items()}
 
 
 class ServerError(RuntimeError):
@@ -127,8 +165,9 @@ def start_command(server: str, model: Path, port: int, serve_args: list[str], ba
     if server == "stageformer":
         argv = [python, "-m", "stageformer", "serve", str(model), "--host", HOST, "--port", str(port)]
         return [*argv, "--log-level", "warning", *serve_args], "/v2/health/ready"
-    if server == "plain":
-        return [python, "-m", "bench.peers.plain_fastapi", str(model), "--host", HOST, "--port", str(port)], "/health"
+    if server in ("plain", "plain-own"):
+        module = {"plain": "bench.peers.plain_fastapi", "plain-own": "bench.peers.fastapi_own_decode"}[server]
+        return [python, "-m", module, str(model), "--host", HOST, "--port", str(port)], "/health"
     if server == "litserve":
         argv = [python, "-m", "bench.peers.litserve_peer", str(model), "--host", HOST, "--port", str(port)]
         return [*argv, "--batch-log", str(batch_log)], "/health"
@@ -139,12 +178,14 @@ def start_command(server: str, model: Path, port: int, serve_args: list[str], ba
 
 
 def v2_request(port: int, model: str, pixels: np.ndarray) -> Request:
-    """A binary-tensor Open Inference Protocol request for one image, asking for the top 5 classes."""
+    """A binary-tensor Open Inference Protocol request for one image (``[H, W, 3]``) or a batch of them
+    (``[N, H, W, 3]``), asking for the top 5 classes."""
+    shape = list(pixels.shape) if pixels.ndim == 4 else [1, *pixels.shape]
     header = {
         "inputs": [
             {
                 "name": "image",
-                "shape": [1, *pixels.shape],
+                "shape": shape,
                 "datatype": "UINT8",
                 "parameters": {"binary_data_size": pixels.nbytes},
             }
@@ -168,13 +209,27 @@ def model_inputs(onnx_path: Path, images: ImageSet) -> tuple[ModelInfo, list[np.
     return info, [prepare(j, info.preprocess, 40_000_000) for j in images.jpegs]
 
 
-def requests_for(system: str, port: int, model: str, images: ImageSet, pixels: list[np.ndarray]) -> list[Request]:
-    if system == OURS_V2:
+def requests_for(system: System, port: int, model: str, images: ImageSet, pixels: list[np.ndarray]) -> list[Request]:
+    """The requests one system gets: the JPEG files (multipart) or, for ``/v2``, the decoded pixels."""
+    if system.route == "v2":
         return [v2_request(port, model, p) for p in pixels]
-    path = {OURS_V1: f"/v1/models/{model}/classify", PLAIN: "/predict", LITSERVE: "/predict"}[system]
+    path = f"/v1/models/{model}/classify" if system.route == "v1" else "/predict"
     return [
         multipart_request(HOST, port, path, n, j, "image/jpeg") for n, j in zip(images.names, images.jpegs, strict=True)
     ]
+
+
+def model_parameters(port: int, model: str) -> dict[str, Any]:
+    """What our server says of a model's batching in ``GET /v2/models/{model}`` (``parameters``): the batch size
+    it chose, whether it measured it, and its images/s by batch size."""
+    import asyncio
+
+    status, body = asyncio.run(get(HOST, port, f"/v2/models/{model}"))
+    if status != 200:
+        return {}
+    parameters = json.loads(body).get("parameters", {})
+    keys = ("max_batch_size", "max_batch_size_measured", "images_per_second_by_batch_size", "max_queue_delay_ms")
+    return {k: parameters[k] for k in keys if k in parameters}
 
 
 # --- server-side counters -----------------------------------------------------------------------
@@ -271,7 +326,7 @@ class Counters:
         return total
 
     def mean_batch(self) -> float | None:
-        if self.server == "plain":
+        if self.server in UNBATCHED:
             return 1.0  # one session.run per request, by construction
         return self.combine([self.totals()]).get("mean_batch")
 

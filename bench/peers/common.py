@@ -1,5 +1,6 @@
-"""What the peers share with each other and with the server: the model's own metadata, the project's
-preprocessing function (so every system does the same decoding work) and the same top-k answer."""
+"""What the plain FastAPI and LitServe peers share with each other and with the server: the model's own metadata,
+the project's preprocessing function (so they do the same decoding work as the server) and the same top-k answer.
+(The idiomatic peer, ``fastapi_own_decode``, shares nothing.)"""
 
 from __future__ import annotations
 
