@@ -4,7 +4,10 @@
 #   docker build -t stageformer .                              NVIDIA GPUs (CUDA + cuDNN base): the default
 #   docker build --build-arg FLAVOR=cpu -t stageformer:cpu .   CPU only (slim Python base, plain onnxruntime)
 #   docker run --gpus all -p 8000:8000 stageformer             serves the demo digits model at once
+#   docker run --gpus all -p 8000:8000 -p 8001:8001 stageformer   also the Open Inference Protocol over gRPC
 #
+# Ports: 8000 HTTP (REST, the Open Inference Protocol, /metrics, the health routes the HEALTHCHECK asks),
+# 8001 gRPC (inference.GRPCInferenceService, as Triton serves it; STAGEFORMER_GRPC_PORT=0 turns it off).
 # Models: every *.onnx file and Triton-style NAME/1/model.onnx under /models. The image holds the demo model
 # there; mount a folder over /models to serve yours (-v "$PWD/models:/models:ro"), or bake models in with
 # --build-arg MODELS=<file or folder in the build context> (see .dockerignore: put them under models/).
@@ -90,11 +93,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     STAGEFORMER_HOST=0.0.0.0 \
     STAGEFORMER_PORT=8000 \
+    STAGEFORMER_GRPC_PORT=8001 \
     STAGEFORMER_MODELS='["/models"]' \
     STAGEFORMER_TRT_CACHE_DIR=/home/stageformer/trt-cache
 USER ${UID}:${UID}
 WORKDIR /home/stageformer
-EXPOSE 8000
+EXPOSE 8000 8001
 # Ready = every model loaded and warmed up. Loading large models on a GPU can take a while: start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/opt/stageformer/healthcheck.py"]

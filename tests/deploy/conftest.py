@@ -3,15 +3,20 @@ schemas that ship with the ``kubernetes-validate`` package (offline, one folder 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import shlex
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+DOCKERFILE = ROOT / "Dockerfile"
 
 # The oldest and the newest Kubernetes release the manifests are checked against.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
@@ -56,3 +61,37 @@ def validate_with_k8s_definitions(instance: object, schema: dict[str, Any], vers
 def env_list_to_dict(env: list[dict[str, Any]]) -> dict[str, str]:
     """A container's literal ``env`` entries as a dict (entries with ``valueFrom`` are left out)."""
     return {item["name"]: item["value"] for item in env if "value" in item}
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+def final_stage() -> dict[str, str]:
+    """The image's own stage (from the last FROM on): instruction -> arguments, the last of each kind."""
+    steps = instructions()
+    return dict(steps[max(i for i, (kind, _) in enumerate(steps) if kind == "FROM") :])
+
+
+def image_env(arguments: str) -> dict[str, str]:
+    """The variables of an ``ENV K=V K2='V 2'`` instruction, quotes removed as Docker removes them."""
+    pairs = [word.split("=", 1) for word in shlex.split(arguments)]
+    assert all(len(pair) == 2 for pair in pairs), f"write ENV as KEY=VALUE pairs: {arguments}"
+    return dict(pairs)  # type: ignore[arg-type]
+
+
+def load_script(name: str) -> ModuleType:
+    """One of the image's helper scripts in deploy/docker/, imported under a name of its own."""
+    spec = importlib.util.spec_from_file_location(f"docker_{name}", DEPLOY / "docker" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

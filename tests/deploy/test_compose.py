@@ -1,6 +1,7 @@
 """compose.yaml: valid against the Compose Specification's JSON schema (as vendored by check-jsonschema),
 and it runs the image the way the Dockerfile expects: both flavours, a read-only models volume on /models,
-the GPU reserved for the GPU service, and a stop grace period that outlasts the drain."""
+the HTTP and gRPC ports published on loopback, the GPU reserved for the GPU service, and a stop grace period
+that outlasts the drain."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from .conftest import ROOT, load_one
+from .conftest import ROOT, final_stage, image_env, load_one
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,25 @@ def seconds(duration: str) -> float:
     return float(match.group(1))
 
 
+def image_ports(service: dict[str, Any]) -> dict[str, int]:
+    """The ports the server listens on in this service's container: the image's settings, then the service's."""
+    env = image_env(final_stage()["ENV"]) | service.get("environment", {})
+    return {"http": int(env["STAGEFORMER_PORT"]), "grpc": int(env["STAGEFORMER_GRPC_PORT"])}
+
+
+def published_ports(service: dict[str, Any]) -> dict[str, int]:
+    """Container port per protocol, from ``${STAGEFORMER_PUBLISH:-127.0.0.1:8000}:8000``-style entries: on
+    loopback unless the variable says otherwise, the same port number outside as inside."""
+    found: dict[str, int] = {}
+    for entry in service["ports"]:
+        match = re.fullmatch(r"\$\{STAGEFORMER_(GRPC_)?PUBLISH:-127\.0\.0\.1:(\d+)\}:(\d+)", entry)
+        assert match, f"publish as ${{STAGEFORMER_PUBLISH:-127.0.0.1:PORT}}:PORT, not {entry!r}"
+        grpc, outside, inside = match.groups()
+        assert outside == inside, entry
+        found["grpc" if grpc else "http"] = int(inside)
+    return found
+
+
 def test_services_run_both_flavours_with_a_models_volume(compose) -> None:
     services = compose["services"]
     assert {name: service["build"]["args"]["FLAVOR"] for name, service in services.items()} == {
@@ -54,7 +74,7 @@ def test_services_run_both_flavours_with_a_models_volume(compose) -> None:
         default = re.fullmatch(r"\$\{STAGEFORMER_MODELS_DIR:-(.+)\}", source)
         assert default, "the models folder is chosen with STAGEFORMER_MODELS_DIR"
         assert list((ROOT / default.group(1)).glob("*.onnx")), "the default folder must hold a model"
-        assert any(port.endswith(":8000") for port in service["ports"])
+        assert published_ports(service) == image_ports(service), "publish the HTTP and the gRPC port"
         assert (
             seconds(service["stop_grace_period"])
             > 2 * float(service["environment"]["STAGEFORMER_REQUEST_TIMEOUT_S"]) + 5

@@ -1,48 +1,23 @@
 """The Dockerfile and its helpers, without building anything: hadolint is clean, the build context holds
 every file the image copies (and no checkpoints), the dependency list has no torch, and the image's
-contract (port, user, health check, init, pinned versions) is what the manifests rely on."""
+contract (ports, user, health check, init, pinned versions) is what the manifests rely on."""
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import tomllib
 
-from .conftest import DEPLOY, ROOT
-
-DOCKERFILE = ROOT / "Dockerfile"
-
-
-def load_script(name: str) -> ModuleType:
-    """One of the image's helper scripts in deploy/docker/, imported under a name of its own."""
-    spec = importlib.util.spec_from_file_location(f"docker_{name}", DEPLOY / "docker" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from .conftest import DOCKERFILE, ROOT, final_stage, image_env, instructions, load_script
 
 healthcheck = load_script("healthcheck")
 requirements = load_script("requirements")
-
-
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
-    result = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keyword, _, rest = line.partition(" ")
-            result.append((keyword.upper(), rest.strip()))
-    return result
 
 
 def hadolint() -> str:
@@ -74,14 +49,34 @@ def test_image_contract() -> None:
     assert args["FLAVOR"] == "gpu", "the default build targets NVIDIA GPUs"
     # onnxruntime-gpu 1.2x+/1.3x wheels on PyPI link CUDA 13 and cuDNN 9: the base must match
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", args["CUDA_BASE_IMAGE"])
-    final = steps[max(i for i, (kind, _) in enumerate(steps) if kind == "FROM") :]
-    final_kinds = dict(final)
-    assert final_kinds["EXPOSE"] == "8000"
+    final_kinds = final_stage()
+    env = image_env(final_kinds["ENV"])
+    # the image's two ports, each exposed, each where the image's settings put the server
+    assert final_kinds["EXPOSE"].split() == [env["STAGEFORMER_PORT"], env["STAGEFORMER_GRPC_PORT"]] == ["8000", "8001"]
     assert final_kinds["USER"] == "${UID}:${UID}" and args["UID"] == "10001"  # numeric, so runAsNonRoot can check
     assert "/opt/stageformer/healthcheck.py" in final_kinds["HEALTHCHECK"]
     assert final_kinds["ENTRYPOINT"] == '["dumb-init", "--", "stageformer", "serve"]'
-    assert "STAGEFORMER_HOST=0.0.0.0" in final_kinds["ENV"]
-    assert """STAGEFORMER_MODELS='["/models"]'""" in final_kinds["ENV"]
+    assert env["STAGEFORMER_HOST"] == "0.0.0.0"
+    assert env["STAGEFORMER_MODELS"] == '["/models"]'
+
+
+def test_image_settings_are_valid_and_serve_both_protocols(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import Settings
+
+    final = final_stage()
+    for name in [name for name in os.environ if name.startswith("STAGEFORMER_")]:
+        monkeypatch.delenv(name)
+    for name, value in image_env(final["ENV"]).items():
+        if name.startswith("STAGEFORMER_"):
+            assert name.removeprefix("STAGEFORMER_").lower() in Settings.model_fields, name
+            monkeypatch.setenv(name, value)
+    settings = Settings()  # as `stageformer serve` reads them in the container
+    assert settings.host == "0.0.0.0"
+    assert {str(settings.port), str(settings.grpc_port)} == set(final["EXPOSE"].split())
+    assert settings.port != settings.grpc_port and 0 not in (settings.port, settings.grpc_port)
+    header = DOCKERFILE.read_text(encoding="utf-8").split("\n\n", 1)[0]
+    for port in (settings.port, settings.grpc_port):  # the header's `docker run` publishes both
+        assert f"-p {port}:{port}" in header, port
 
 
 def copied_sources() -> list[str]:

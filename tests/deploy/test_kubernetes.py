@@ -1,7 +1,8 @@
 """deploy/kubernetes: every manifest is valid against Kubernetes' own schemas (strict: unknown fields are
-errors) for the oldest and newest release we support, and the pieces fit together: selectors, ports,
-probes on the Open Inference Protocol health routes, GPU request, settings, and a grace period that
-outlasts the server's drain."""
+errors) for the oldest and newest release we support, and the pieces fit together: selectors, the HTTP and
+gRPC ports (named, the Service targeting them, the numbers the settings give), probes on the Open Inference
+Protocol health routes, GPU request, settings, a grace period that outlasts the server's drain, and the
+Ingress (and the gRPC one its comment shows)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from service.settings import Settings
 
@@ -72,6 +74,8 @@ def test_config_map_holds_valid_settings(resources, monkeypatch: pytest.MonkeyPa
     assert settings.host == "0.0.0.0"
     assert settings.models == ["/models"]
     assert settings.device == "cuda"
+    assert settings.grpc_port != 0, "the gRPC port must be on: the Deployment and Service expose it"
+    assert settings.port != settings.grpc_port
 
 
 def test_deployment_runs_the_image_as_the_probes_and_gpu_need(resources, monkeypatch) -> None:
@@ -83,7 +87,9 @@ def test_deployment_runs_the_image_as_the_probes_and_gpu_need(resources, monkeyp
     (container,) = spec["containers"]
     assert container["envFrom"] == [{"configMapRef": {"name": resources["ConfigMap"]["metadata"]["name"]}}]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"http": settings.port}
+    assert len(ports) == len(container["ports"]), "every container port needs a name of its own"
+    assert ports == {"http": settings.port, "grpc": settings.grpc_port}
+    assert all(port["protocol"] == "TCP" for port in container["ports"])
 
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"  # extended resources: requests == limits
@@ -125,13 +131,18 @@ def test_service_and_autoscaler_point_at_the_deployment(resources) -> None:
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     service = resources["Service"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    (port,) = service["spec"]["ports"]
-    assert port["targetPort"] == "http"
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    container_ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
+    assert set(ports) == {"http", "grpc"}
+    for name, port in ports.items():  # by name, so that a port number changes in one place only
+        assert port["targetPort"] == name and name in container_ports, name
+        assert port["port"] == container_ports[name], name  # the same number inside and outside the cluster
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"  # gRPC without TLS: HTTP/2, prior knowledge
     hpa = resources["HorizontalPodAutoscaler"]
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert "cpu" in container["resources"]["requests"], "CPU utilization needs a CPU request"
 
 
@@ -150,4 +161,36 @@ def test_the_ingress_stops_slow_and_oversized_requests_at_the_edge(resources, mo
     backend = path["backend"]["service"]
     service = resources["Service"]
     assert backend["name"] == service["metadata"]["name"]
-    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    assert backend["port"] == {"name": "http"}  # ingress-nginx speaks HTTP/1.1 to this port; gRPC goes apart
+
+
+def grpc_ingress_example() -> dict[str, Any]:
+    """The gRPC Ingress that ingress.yaml's comment shows, as the manifest it would be."""
+    lines = (K8S / "ingress.yaml").read_text(encoding="utf-8").splitlines()
+    start = lines.index("#   metadata:")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("#   "))
+    example = yaml.safe_load("\n".join(line.removeprefix("# ") for line in lines[start:end]))
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", **example}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_grpc_ingress_example_is_a_valid_ingress(version: str) -> None:
+    kubernetes_validate.validate(grpc_ingress_example(), version, strict=True)
+
+
+def test_the_grpc_ingress_example_reaches_the_grpc_port_over_tls(resources) -> None:
+    example = grpc_ingress_example()
+    ingress = resources["Ingress"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    notes = example["metadata"]["annotations"]
+    assert notes[prefix + "backend-protocol"] == "GRPC"  # HTTP/2 without TLS to the pods
+    for limit in ("proxy-body-size", "proxy-read-timeout", "proxy-send-timeout"):  # the HTTP Ingress's limits
+        assert notes[prefix + limit] == ingress["metadata"]["annotations"][prefix + limit], limit
+    assert example["spec"]["ingressClassName"] == ingress["spec"]["ingressClassName"]
+    assert example["metadata"]["name"] != ingress["metadata"]["name"]
+    (tls,) = example["spec"]["tls"]  # gRPC clients reach ingress-nginx over TLS (HTTP/2 by ALPN)
+    (rule,) = example["spec"]["rules"]
+    assert tls["secretName"] and rule["host"] in tls["hosts"]
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    assert backend == {"name": resources["Service"]["metadata"]["name"], "port": {"name": "grpc"}}
