@@ -131,6 +131,7 @@ def decoding_section(results: dict[str, Any]) -> list[str]:
     """Decoding cost and the model input's difference from the exact path, per workload and image set."""
     rows = []
     oversample = None
+    unreduced = []
     for name, data in results.get("workloads", {}).items():
         study = data.get("decode", {}).get("study")
         if not study:
@@ -138,12 +139,15 @@ def decoding_section(results: dict[str, Any]) -> list[str]:
         oversample = study["oversample"]
         for label, figures in study["sets"].items():
             ms = figures["ms_per_image"]
+            fast = figures["vs_exact"].get("fast", {})
+            if fast and fast.get("identical") == fast.get("images"):
+                unreduced.append(f"{label} at {name} (a short side under {2 * oversample * study['resize_to']:g} px)")
             for way, value in ms.items():
                 diff = figures["vs_exact"].get(way)
                 rows.append(
                     [
                         f"{name} (resize to {study['resize_to']})",
-                        f"{label} ({', '.join(figures['sizes']) if len(figures['sizes']) < 3 else 'up to 640 px'})",
+                        f"{label} ({_sizes(figures['sizes'])})",
                         way,
                         _fmt(value, 2),
                         _fmt(ratio(ms["exact"], value), 2, "x") if way != "exact" else "",
@@ -163,11 +167,18 @@ def decoding_section(results: dict[str, Any]) -> list[str]:
         "`draft()` to the resize target itself. PSNR and the largest difference of one pixel value compare the "
         "model input with the exact path's, image by image (`identical`: equal on every image). The 12-megapixel "
         "photos are mosaics of tiles cut from the same photos at full resolution (4032x3024, a phone camera's "
-        "frame); the bench photos are too small for reduced-scale decoding at 224 unless the target allows it.",
+        "frame).",
         "",
         *_table(header, rows, "lllrrrr"),
         "",
-    ]
+    ] + ([f"`fast` decodes these exactly, being too small to reduce: {'; '.join(unreduced)}.", ""] if unreduced else [])
+
+
+def _sizes(sizes: list[str]) -> str:
+    if len(sizes) < 3:
+        return ", ".join(sizes)
+    sides = [int(side) for size in sizes for side in size.split("x")]
+    return f"{len(sizes)} sizes, up to {max(sides)} px"
 
 
 def _psnr(diff: dict[str, Any] | None) -> str:

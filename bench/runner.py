@@ -418,11 +418,12 @@ def batch_size_summary(serving: dict[str, Any], limit: dict[str, Any]) -> dict[s
         return {}
     per_batch = {int(b): v["images_per_s"] for b, v in limit["per_batch"].items()}
     most = max(set(chosen), key=chosen.count)
+    first = next(p for p in starts if p.get("max_batch_size") == most)
     return {
         "chosen": most,
         "chosen_per_start": chosen,
         "measured": all(p.get("max_batch_size_measured", False) for p in starts),
-        "server_images_per_s": starts[0].get("images_per_second_by_batch_size", {}),
+        "server_images_per_s": first.get("images_per_second_by_batch_size", {}),
         "limit_at_chosen": per_batch.get(most),
         "limit_at_1": per_batch.get(1),
     }
