@@ -35,9 +35,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 DIGITS = "digits"  # the name of the built-in data set on the command line
 DIGITS_HELD_OUT = 0.2  # fraction of each digit class kept for validation
 DIGITS_SPLIT_SEED = 0  # the held-out split never changes
-DIGITS_DRAWN = 6000  # digits drawn by model.digits.draw_digit in the training split
+DIGITS_DRAWN = 4000  # digits drawn by model.digits.draw_digit in the training split
 DIGITS_DRAWN_SEED = 1  # their shapes and pens: the same drawings every run
-DIGITS_HANDWRITTEN_REPEAT = 4  # how many times an epoch sees each scikit-learn digit (each copy augmented anew)
+DIGITS_HANDWRITTEN_REPEAT = 5  # how many times an epoch sees each scikit-learn digit (each copy augmented anew)
 DIGITS_TYPED_REPEAT = 2  # how many times an epoch sees each digit of each training font
 
 

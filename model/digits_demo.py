@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("samples", help=f"write {SAMPLES_JS.relative_to(ROOT)}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's passes log every step
     started = time.perf_counter()
     if args.command == "finish":
         finish(args.checkpoint, args.out, args.ship)

@@ -10,9 +10,12 @@ schedule, and compares them on the held-out sets of ``model.digits_eval``:
   and scales it to fill the frame.
 
 Both modules work on the model's input tensor, so they would sit in the exported ONNX graph (its ops:
-reductions, comparisons, ``GridSample``); nothing changes on the server. Run::
+reductions, comparisons, ``GridSample``); nothing changes on the server. The loop is ``model.train``'s
+recipe written out (same optimizer groups, schedule, seeds and data order: the first epoch's loss is the
+same to the last digit), so ``--baseline`` can score a checkpoint of ``stageformer train --preset digits
+--data digits`` as the ``augment`` row instead of training it again. Run::
 
-    python -m model.digits_study --out runs/digits-study --epochs 16
+    python -m model.digits_study --out runs/digits-study --baseline runs/digits/last.safetensors
 
 It writes ``results.json`` and prints a Markdown table.
 """
@@ -35,7 +38,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from stageformer.core.preprocess import PreprocessConfig, normalize
+from stageformer.core.recipes import RECIPES
 
+from .checkpoint import load_checkpoint
 from .data import Collate, EpochSampler, ImageDataset, load_data
 from .digits_eval import Case, accuracy_by_source, held_out_cases, predictions, typed_cases
 from .hierarchical import Classifier
@@ -123,11 +128,14 @@ def train_variant(name: str, args: argparse.Namespace, config: PreprocessConfig)
     loader = DataLoader(
         data, args.batch_size, sampler=sampler, num_workers=1, collate_fn=Collate(config), persistent_workers=True
     )
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}])
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    total, warmup, step = args.epochs * len(loader), len(loader), 0
+    # As model.train does: no weight decay on biases, norms, scales and position embeddings.
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and ".pos." not in n]
+    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or ".pos." in n]
+    recipe = RECIPES["digits"]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    total, warmup, step = args.epochs * len(loader), round(recipe.warmup_epochs * len(loader)), 0
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         model.train()
@@ -138,7 +146,7 @@ def train_variant(name: str, args: argparse.Namespace, config: PreprocessConfig)
             loss = criterion(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
             optimizer.step()
             step, loss_sum, seen = step + 1, loss_sum + loss.item() * len(labels), seen + len(labels)
         log.info("%s: epoch %d/%d loss %.4f (%.0f s)", name, epoch + 1, args.epochs, loss_sum / seen,
@@ -173,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.digits_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--baseline", type=Path, help="a digits checkpoint to score as the augment variant")
+    parser.add_argument("--epochs", type=int, default=RECIPES["digits"].epochs)
+    parser.add_argument("--batch-size", type=int, default=RECIPES["digits"].batch_size)
+    parser.add_argument("--lr", type=float, default=RECIPES["digits"].lr)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -185,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     cases = study_cases(config)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
+    if args.baseline is not None:
+        baseline = load_checkpoint(args.baseline).model
+        results["augment"] = {"accuracy": score(baseline, cases, config), "checkpoint": str(args.baseline)}
     for name in args.variants.split(","):
+        if name in results:
+            continue
         started = time.perf_counter()
         model = train_variant(name, args, config)
         seconds = time.perf_counter() - started

@@ -1,24 +1,39 @@
-"""The committed demo checkpoint (service/demo/digits.safetensors): what `stageformer train --preset digits
---data digits` produced. It must hold its accuracy on the held-out digits and read digits the way people
-send them (dark ink on light paper, any size, grayscale or colour) through the server's preprocessing."""
+"""The committed demo model (service/demo/digits.safetensors and digits.onnx): what the recipe in
+docs/training.md ("The demo model") produced. Through the server's preprocessing it must read digits as
+people send them: scikit-learn's held-out digits, digits typed in font families training never saw, digits
+drawn on a canvas and handwritten digits photographed on paper, dark on light or light on dark; its
+metadata and that section must state what it scores; and it must stay small and fast."""
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from export import read_onnx_metadata
 from model import get_preset, load_checkpoint
 from model.data import load_digits
+from model.digits_demo import ACCURACY_KEY, COUNTS_KEY, FONTS_KEY, onnx_accuracy
+from model.digits_eval import SOURCES, Case, held_out_cases
 from stageformer.core.preprocess import normalize, preprocess, stack
 
-DEMO = Path(__file__).resolve().parents[2] / "service" / "demo" / "digits.safetensors"
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "service" / "demo" / "digits.safetensors"
+DEMO_ONNX = ROOT / "service" / "demo" / "digits.onnx"
+# The issue's targets (scikit-learn, typed in unseen fonts, drawn), and a bar for photographs of paper.
+TARGETS = {"sklearn": 0.97, "typed": 0.95, "drawn": 0.95, "photo": 0.90}
 
-# Hand-drawn strokes of each digit on a unit square (y down): polylines and ellipses.
+# Hand-drawn strokes of each digit on a unit square (y down): polylines and ellipses. A third hand, written
+# for this test alone (training draws model.digits.HAND, model.digits_eval holds another).
 STROKES: dict[int, list[tuple[str, list[float]]]] = {
     0: [("ellipse", [0.28, 0.1, 0.72, 0.9])],
     1: [("line", [0.38, 0.25, 0.52, 0.1, 0.52, 0.9])],
@@ -56,52 +71,115 @@ def draw_text(digit: int, height: int, width: int, fill: float, ink: tuple[int, 
 
 
 def renderings() -> Iterator[tuple[str, int, Image.Image]]:
-    """Each digit drawn 12 ways: strokes and type, 28 to 500 pixels, thin to bold, gray and coloured."""
+    """Each digit drawn 16 ways: strokes and type, 28 to 500 pixels, thin to bold, grey, coloured and inverted."""
     for d in range(10):
         for size, width in ((28, 3), (64, 6), (200, 16), (300, 10), (500, 30)):
             yield f"strokes {size}px w{width}", d, draw_strokes(d, size, width, BLACK, WHITE)
         yield "strokes blue on cream", d, draw_strokes(d, 120, 10, BLUE, CREAM)
         yield "strokes grayscale", d, draw_strokes(d, 120, 10, BLACK, WHITE).convert("L")
+        yield "strokes white on black", d, draw_strokes(d, 160, 12, WHITE, BLACK)
+        yield "strokes small in a large frame", d, ImageOps.expand(draw_strokes(d, 90, 7, BLACK, WHITE), 75, WHITE)
         yield "type 28px", d, draw_text(d, 28, 28, 0.9, BLACK)
         yield "type 64px", d, draw_text(d, 64, 64, 0.8, BLACK)
         yield "type 200x320 grayscale", d, draw_text(d, 200, 320, 0.7, BLACK).convert("L")
         yield "type 120px blue", d, draw_text(d, 120, 120, 0.8, BLUE)
         yield "type 400px small", d, draw_text(d, 400, 400, 0.5, BLACK)
+        yield "type inverted", d, ImageOps.invert(draw_text(d, 96, 96, 0.8, BLACK))
+        dark_screen = ImageOps.invert(draw_text(d, 80, 80, 0.7, (40, 40, 40))).point(lambda v: 30 + v * 4 // 5)
+        yield "type on a dark screen", d, dark_screen
 
 
 @pytest.fixture(scope="module")
-def demo():
+def demo() -> Any:
     if not DEMO.is_file():
-        pytest.fail(f"{DEMO} is missing; train it with `stageformer train --preset digits --data digits`")
+        pytest.fail(f"{DEMO} is missing; build it with the recipe in docs/training.md ('The demo model')")
     return load_checkpoint(DEMO)
 
 
-def test_demo_checkpoint_is_the_digits_preset(demo) -> None:
+@pytest.fixture(scope="module")
+def cases(demo: Any) -> list[Case]:
+    pytest.importorskip("sklearn")
+    return held_out_cases(demo.preprocess)
+
+
+@pytest.fixture(scope="module")
+def measured(cases: list[Case]) -> dict[str, float]:
+    """Fraction right per held-out source of the ONNX file, as the server would run it."""
+    return onnx_accuracy(DEMO_ONNX, cases)
+
+
+def test_demo_checkpoint_is_the_digits_preset(demo: Any) -> None:
     preset = get_preset("digits")
     assert demo.config == preset.config
     assert demo.preprocess == preset.preprocess
     assert demo.labels == [str(i) for i in range(10)]
-    assert DEMO.stat().st_size < 2_000_000
+    assert DEMO.stat().st_size < 2_000_000 and DEMO_ONNX.stat().st_size < 2_000_000
+    meta = read_onnx_metadata(DEMO_ONNX)
+    assert (meta["name"], meta["input_format"], meta["precision"]) == ("digits", "raw", "fp32")
+    assert json.loads(meta["preprocess"]) == json.loads(demo.preprocess.to_json())
 
 
-def test_demo_reaches_97_percent_on_the_held_out_digits(demo) -> None:
+def test_demo_reaches_97_percent_on_the_held_out_digits(demo: Any) -> None:
     pytest.importorskip("sklearn")
     held_out = load_digits(demo.preprocess).val
     pixels = stack([preprocess(held_out.image(i), demo.preprocess) for i in range(len(held_out))])
     with torch.no_grad():
         predicted = demo.model(torch.from_numpy(normalize(pixels, demo.preprocess))).argmax(dim=1).numpy()
     labels = np.array([held_out.label(i) for i in range(len(held_out))])
-    assert (predicted == labels).mean() >= 0.97
+    assert (predicted == labels).mean() >= TARGETS["sklearn"]
 
 
-def test_demo_reads_drawn_and_typed_digits(demo) -> None:
+def test_demo_reads_each_held_out_source(measured: dict[str, float]) -> None:
+    short = {s: f"{measured[s]:.3f}" for s in SOURCES if measured[s] < TARGETS[s]}
+    assert not short, f"below target: {short}; all: {measured}"
+    # Light on dark is read about as well as dark on light, not merely on average.
+    for source in ("typed", "drawn"):
+        assert measured[f"{source}/inverted"] >= TARGETS[source] - 0.03, measured
+
+
+def test_metadata_and_readme_state_the_measured_figures(
+    demo: Any, cases: list[Case], measured: dict[str, float]
+) -> None:
+    for metadata in (demo.metadata, json.loads(read_onnx_metadata(DEMO_ONNX)["checkpoint_metadata"])):
+        stated, counts = json.loads(metadata[ACCURACY_KEY]), json.loads(metadata[COUNTS_KEY])
+        assert counts == {s: sum(c.source == s for c in cases) for s in SOURCES}
+        for source in SOURCES:  # measured with PyTorch when written; ONNX may flip one near tie
+            assert abs(stated[source] - measured[source]) * counts[source] <= 1.5, (source, stated, measured)
+        assert "fonts-dejavu-core" in json.loads(metadata[FONTS_KEY])
+    docs = (ROOT / "docs" / "training.md").read_text()  # README's "Training" link leads there
+    section = docs[docs.index("## The demo model") :]
+    end = section.find("\n## ", 3)
+    section = section if end == -1 else section[:end]
+    stated = json.loads(demo.metadata[ACCURACY_KEY])
+    for source in SOURCES:
+        assert re.search(rf"^\| {source} \|.*\| {100 * stated[source]:.1f}% \|$", section, re.MULTILINE), source
+
+
+def test_demo_reads_drawn_and_typed_digits(demo: Any) -> None:
     cases = list(renderings())
     pixels = stack([preprocess(image, demo.preprocess) for _, _, image in cases])
     with torch.no_grad():
         predicted = demo.model(torch.from_numpy(normalize(pixels, demo.preprocess))).argmax(dim=1).tolist()
     wrong = [f"{name}: {d} read as {p}" for (name, d, _), p in zip(cases, predicted, strict=True) if p != d]
     strokes = [p == d for (name, d, _), p in zip(cases, predicted, strict=True) if name.startswith("strokes")]
-    # Committed checkpoint: 69/70 drawn, 29/50 typed. Typed glyphs are the weak spot (the training digits
-    # are 8x8 handwriting; a thin typed 6, 8 or 9 tends to read as 0), hence the lower bar overall.
-    assert sum(strokes) / len(strokes) >= 0.9, wrong
-    assert 1 - len(wrong) / len(cases) >= 0.75, wrong
+    typed = [p == d for (name, d, _), p in zip(cases, predicted, strict=True) if name.startswith("type")]
+    assert sum(strokes) / len(strokes) >= 0.95, wrong
+    assert sum(typed) / len(typed) >= 0.95, wrong
+
+
+def test_demo_loads_fast_and_answers_one_image_in_milliseconds() -> None:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(DEMO_ONNX), options, providers=["CPUExecutionProvider"])
+    loaded = time.perf_counter() - started
+    image = np.full((1, 24, 24, 3), 255, dtype=np.uint8)
+    session.run(None, {"image": image})
+    timings = []
+    for _ in range(50):
+        started = time.perf_counter()
+        session.run(None, {"image": image})
+        timings.append(time.perf_counter() - started)
+    # Typically ~50 ms to load and ~1 ms a run on one core; the bounds leave room for a busy machine.
+    assert loaded < 1.0, f"loading took {loaded:.2f} s"
+    assert float(np.median(timings)) < 0.010, f"median {1000 * np.median(timings):.1f} ms"
