@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .onnx import AgreementError as AgreementError
     from .onnx import ExportError as ExportError
     from .onnx import ExportReport as ExportReport
     from .onnx import ParityError as ParityError
     from .onnx import export_onnx as export_onnx
     from .onnx import read_onnx_metadata as read_onnx_metadata
 
-_LAZY = ("ExportError", "ExportReport", "ParityError", "export_onnx", "read_onnx_metadata")
+_LAZY = ("AgreementError", "ExportError", "ExportReport", "ParityError", "export_onnx", "read_onnx_metadata")
 
 __all__ = list(_LAZY)
 

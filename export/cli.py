@@ -12,11 +12,13 @@ from .options import (
     DEFAULT_ATOL,
     DEFAULT_EXPORTER,
     DEFAULT_FP16_ATOL,
+    DEFAULT_MIN_AGREEMENT,
     DEFAULT_OPSET,
     DEFAULT_TRITON_MAX_BATCH_SIZE,
     DEFAULT_TRITON_QUEUE_DELAY_US,
     EXPORTERS,
     MIN_OPSET,
+    QUANTIZE_CHOICES,
 )
 
 DESCRIPTION = (
@@ -24,7 +26,9 @@ DESCRIPTION = (
     "[batch, 3, H, W] with --input normalized), float32 [batch, num_classes] logits out, batch axis dynamic. "
     "The file carries the model's config, preprocessing, labels and provenance in its metadata. Before it is "
     "written, ONNX Runtime (CPU) is checked against PyTorch on random and real-looking images at batch sizes "
-    "1, 3 and 8; if the logits differ by more than --atol, nothing is written and the exit status is 1."
+    "1, 3 and 8; if the logits differ by more than --atol, nothing is written and the exit status is 1. "
+    "--quantize int8 --calibration DIR then quantizes the checked graph for CPUs and writes it only if its top-1 "
+    "predictions agree with PyTorch's on the calibration images and on held-out ones (--min-agreement)."
 )
 
 
@@ -32,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare ``stageformer export``'s arguments on ``parser``."""
     parser.add_argument("checkpoint", metavar="CKPT.safetensors", help="checkpoint to export")
     parser.add_argument("-o", "--output", metavar="MODEL.onnx", required=True, help="ONNX file to write")
+    _add_graph_arguments(parser)
+    _add_precision_arguments(parser)
+    _add_triton_arguments(parser)
+
+
+def _add_graph_arguments(parser: argparse.ArgumentParser) -> None:
+    """The graph's input, opset and exporter, the parity tolerance and the model's name."""
     parser.add_argument(
         "--input",
         choices=INPUT_FORMATS,
@@ -47,10 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"ONNX opset, {MIN_OPSET} or above (default {DEFAULT_OPSET}: runs on ONNX Runtime >= 1.17 and TensorRT)",
     )
     parser.add_argument(
-        "--fp16",
-        action="store_true",
-        help="weights and compute in float16, for GPUs; input and output types stay as they are",
+        "--exporter",
+        choices=EXPORTERS,
+        default=DEFAULT_EXPORTER,
+        help="torch.onnx exporter: dynamo (default, torch.export based) or torchscript (deprecated by PyTorch, "
+        "about 5x faster to export)",
     )
+
     parser.add_argument(
         "--atol",
         type=float,
@@ -64,6 +78,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model name stored in the file and used as the Triton model directory (default: the checkpoint's "
         "file name without extension)",
     )
+
+
+def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """fp16 for GPUs, int8 quantization for CPUs and its calibration and gate."""
+    parser.add_argument(
+        "--fp16",
+        action="store_true",
+        help="weights and compute in float16, for GPUs; input and output types stay as they are",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        help="int8: quantize weights and activations for CPUs (ONNX Runtime static quantization, QDQ); needs "
+        "--calibration; the input and output stay as they are",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="folder of representative images (any format and size, sub-folders included; a few hundred work "
+        "best) to calibrate --quantize int8; every fifth is held out to check the result",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=DEFAULT_MIN_AGREEMENT,
+        metavar="F",
+        help="with --quantize: the smallest fraction of images whose top-1 class must match PyTorch fp32's, on the "
+        f"calibration images and on the held-out ones (default {DEFAULT_MIN_AGREEMENT:g})",
+    )
+
+
+def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
+    """The optional Triton Inference Server repository entry."""
     parser.add_argument(
         "--triton-repo",
         metavar="DIR",
@@ -84,13 +131,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="US",
         help="how long Triton's dynamic batcher waits to fill a batch, in microseconds "
         f"(default {DEFAULT_TRITON_QUEUE_DELAY_US})",
-    )
-    parser.add_argument(
-        "--exporter",
-        choices=EXPORTERS,
-        default=DEFAULT_EXPORTER,
-        help="torch.onnx exporter: dynamo (default, torch.export based) or torchscript (deprecated by PyTorch, "
-        "about 5x faster to export)",
     )
 
 
@@ -117,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
             triton_max_batch_size=args.triton_max_batch_size,
             triton_max_queue_delay_us=args.triton_max_queue_delay_us,
             exporter=args.exporter,
+            quantize=args.quantize,
+            calibration=args.calibration,
+            min_agreement=args.min_agreement,
             progress=progress,
         )
     except (ExportError, CheckpointError, FileNotFoundError) as exc:

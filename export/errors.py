@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .parity import ParityReport
+    from .quantize import QuantizationReport
 
 
 class ExportError(RuntimeError):
@@ -19,5 +20,13 @@ class ParityError(ExportError):
     """The exported graph's logits differ from PyTorch's by more than the tolerance."""
 
     def __init__(self, message: str, report: ParityReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class AgreementError(ExportError):
+    """The int8 graph's top-1 predictions agree with PyTorch's fp32 ones on fewer images than required."""
+
+    def __init__(self, message: str, report: QuantizationReport) -> None:
         super().__init__(message)
         self.report = report

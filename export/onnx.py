@@ -1,17 +1,21 @@
-"""Checkpoint -> ONNX file: trace, parity gate, metadata, atomic save, optional Triton repository.
+"""Checkpoint -> ONNX file: trace, parity gate, optional int8 quantization, metadata, atomic save, Triton.
 
 ``export_onnx`` is the whole pipeline, one function per step, each reported through ``progress`` (or
 logged):
 
 - load: read the checkpoint, hash it, run the model once in PyTorch (a model that cannot run or gives
-  NaN fails here, before anything is traced or written);
+  NaN fails here, before anything is traced or written); with ``quantize="int8"``, also read the
+  calibration images;
 - trace: ``torch.export`` + ``torch.onnx`` (dynamo exporter, opset 20 by default) of the model wrapped
   with its input handling: ``uint8 [batch, H, W, 3]`` normalized inside the graph (``raw``) or
   ``float32 [batch, 3, H, W]`` (``normalized``); ``float32 [batch, num_classes]`` logits out
   (``export.trace``);
 - check: ONNX Runtime (CPU) against PyTorch eval on seeded real-looking and random images at batch
   sizes 1, 3 and 8 (``export.parity``); a difference above ``atol`` fails the export;
-- save: metadata (config, preprocessing, labels, provenance, parity figures) into ``metadata_props``,
+- quantize (int8 only): ONNX Runtime static quantization of the checked fp32 graph, calibrated on the
+  images, then its own gate: top-1 agreement with PyTorch fp32 on the calibration and held-out images
+  (``export.quantize``);
+- save: metadata (config, preprocessing, labels, provenance, gate figures) into ``metadata_props``,
   written beside the target and renamed into place, so a failed export leaves no file behind;
 - triton: optionally, ``DIR/<name>/{config.pbtxt, labels.txt, 1/model.onnx}``.
 
@@ -59,17 +63,21 @@ from stageformer.core.formats import (
     PARITY_KEY,
     PRECISION_KEY,
     PREPROCESS_KEY,
+    QUANTIZATION_KEY,
     VERSION_KEY,
 )
 from stageformer.core.naming import check_model_name
 from stageformer.core.preprocess import normalize
 
 from . import parity as parity_lib
-from .errors import ExportError, ParityError
+from .calibration import CalibrationImages, read_calibration_images
+from .errors import AgreementError, ExportError, ParityError
 from .options import (
+    CALIBRATION_BATCH_SIZE,
     DEFAULT_ATOL,
     DEFAULT_EXPORTER,
     DEFAULT_FP16_ATOL,
+    DEFAULT_MIN_AGREEMENT,
     DEFAULT_OPSET,
     DEFAULT_TRITON_MAX_BATCH_SIZE,
     DEFAULT_TRITON_QUEUE_DELAY_US,
@@ -77,39 +85,43 @@ from .options import (
     EXTERNAL_DATA_THRESHOLD,
     MIN_OPSET,
     PARITY_BATCH_SIZES,
+    QUANTIZE_CHOICES,
 )
 from .parity import ParityReport
+from .quantize import INT8 as INT8_SETTINGS
+from .quantize import QuantizationReport, check_agreement, quantize_int8, run_batched
 from .trace import ExportWrapper, check_signature, first_line, initializer_bytes, to_fp16, trace
 from .triton import TritonModel, check_triton_options, write_repository
 
 logger = logging.getLogger(__name__)
 
-# (step, message): step is load, trace, check, save, triton or done
+# (step, message): step is load, trace, check, quantize, save, triton or done
 Progress = Callable[[str, str], None]
 
-FP32, FP16 = "fp32", "fp16"
+FP32, FP16, INT8 = "fp32", "fp16", "int8"
 
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What an export produced, with its parity figures and timings (seconds)."""
+    """What an export produced, with its gate figures and timings (seconds)."""
 
     output_path: Path
     name: str
     checkpoint_path: Path
     checkpoint_sha256: str
     input_format: str  # "raw" or "normalized"
-    precision: str  # "fp32" or "fp16"
+    precision: str  # "fp32", "fp16" or "int8"
     opset: int
     exporter: str  # "dynamo" or "torchscript"
     num_parameters: int
-    parity: ParityReport  # the gate: ONNX Runtime CPU against PyTorch fp32 eval
+    parity: ParityReport  # the gate: ONNX Runtime CPU against PyTorch fp32 eval (for int8: the fp32 graph)
     file_size: int  # bytes of the .onnx file (plus its external data file, if any)
-    timings: dict[str, float] = field(default_factory=dict)  # load, trace, check, save, triton, total
+    timings: dict[str, float] = field(default_factory=dict)  # load, trace, check, [quantize,] save, triton, total
     parity_cuda: ParityReport | None = None  # fp16 only, where a CUDA provider works
     external_data_path: Path | None = None  # weights side file, for models over 2 GB
     triton_model_dir: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)  # what metadata_props hold
+    quantization: QuantizationReport | None = None  # int8 only: settings and the agreement gate's figures
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -176,13 +188,28 @@ class _Options:
     input_format: str
     opset: int
     exporter: str
-    precision: str  # fp32 or fp16
-    atol: float
+    precision: str  # fp32, fp16 or int8
+    atol: float  # for the graph before quantization
     name: str
     parity_batch_sizes: tuple[int, ...]
     triton_repo: Path | None
     triton_max_batch_size: int
     triton_max_queue_delay_us: int
+    calibration: Path | None
+    min_agreement: float
+
+
+def _precision(fp16: bool, quantize: str | None) -> str:
+    if quantize is None:
+        return FP16 if fp16 else FP32
+    if quantize not in QUANTIZE_CHOICES:
+        raise ExportError(f"quantize {quantize!r} is not supported; choose {', '.join(QUANTIZE_CHOICES)}")
+    if fp16:
+        raise ExportError(
+            "--quantize int8 and --fp16 exclude each other: int8 is quantized from the fp32 graph, for CPUs; "
+            "fp16 is for GPUs. Drop one of them"
+        )
+    return INT8
 
 
 def _check_graph_options(options: _Options) -> None:
@@ -211,9 +238,27 @@ def _check_graph_options(options: _Options) -> None:
         raise ExportError(str(exc)) from None
 
 
+def _check_quantize_options(options: _Options) -> None:
+    if options.precision != INT8:
+        if options.calibration is not None:
+            raise ExportError("calibration images are only used with --quantize int8; add it or drop --calibration")
+        return
+    if options.calibration is None:
+        raise ExportError(
+            "--quantize int8 needs --calibration DIR: a folder of representative images (a few hundred, any "
+            "format and size) from which the int8 ranges are computed"
+        )
+    if not options.calibration.is_dir():
+        raise ExportError(f"calibration folder {str(options.calibration)!r} does not exist or is not a folder")
+    agree = options.min_agreement
+    if isinstance(agree, bool) or not isinstance(agree, (int, float)) or not 0.0 <= agree <= 1.0:
+        raise ExportError(f"min agreement must be a fraction between 0 and 1 (0.99 is 99%), got {agree!r}")
+
+
 def _check_options(options: _Options) -> None:
     """Raise ``ExportError`` for the first option that cannot work, before anything is loaded."""
     _check_graph_options(options)
+    _check_quantize_options(options)
     _check_paths(options)
 
 
@@ -232,7 +277,7 @@ def _check_paths(options: _Options) -> None:
 
 @dataclass(frozen=True)
 class _Loaded:
-    """The checkpoint, its PyTorch reference and the images the parity gate runs on."""
+    """The checkpoint, its PyTorch reference and the images the gates run on."""
 
     checkpoint: Checkpoint
     digest: str
@@ -240,6 +285,7 @@ class _Loaded:
     reference: parity_lib.Reference  # uint8 pixels -> PyTorch fp32 logits
     batches: list[parity_lib.ParityBatch]
     references: list[np.ndarray]  # PyTorch's logits of ``batches``
+    calibration: CalibrationImages | None  # int8 only
 
 
 def _read_checkpoint(path: Path) -> Checkpoint:
@@ -279,7 +325,7 @@ def _reference_logits(reference: parity_lib.Reference, batches: Sequence[parity_
 
 
 def _load(options: _Options, steps: _Steps) -> _Loaded:
-    """Read the checkpoint and compute PyTorch's logits of the parity images."""
+    """Read the checkpoint (and the calibration images) and compute PyTorch's logits of the parity images."""
     ckpt = _read_checkpoint(options.checkpoint)
     preprocess = ckpt.preprocess
     digest = sha256_of(options.checkpoint)
@@ -287,13 +333,21 @@ def _load(options: _Options, steps: _Steps) -> _Loaded:
     batches = parity_lib.parity_batches(preprocess.image_size, options.parity_batch_sizes)
     reference = _pytorch_reference(ckpt)
     references = _reference_logits(reference, batches)
+    calibration = None
+    if options.calibration is not None:
+        calibration = read_calibration_images(options.calibration, preprocess)
     steps.done(
         "load",
         f"{options.name}: {num_parameters / 1e6:.1f}M parameters, {preprocess.image_size}x{preprocess.image_size}, "
         f"{ckpt.config.num_classes} classes, sha256 {digest[:12]}; PyTorch logits of "
-        f"{sum(b.batch_size for b in batches)} parity images",
+        f"{sum(b.batch_size for b in batches)} parity images"
+        + (
+            f"; {len(calibration.names)} calibration images ({int(calibration.held_out.sum())} held out)"
+            if calibration is not None
+            else ""
+        ),
     )
-    return _Loaded(ckpt, digest, num_parameters, reference, batches, references)
+    return _Loaded(ckpt, digest, num_parameters, reference, batches, references, calibration)
 
 
 # --- trace ----------------------------------------------------------------------------------------
@@ -448,6 +502,49 @@ def _check(
     return report, cuda_report
 
 
+# --- quantize -------------------------------------------------------------------------------------
+
+
+def _quantized(proto: onnx.ModelProto, inputs: np.ndarray) -> onnx.ModelProto:
+    """``proto`` quantized to int8 by ONNX Runtime, calibrated on ``inputs`` (the graph's input)."""
+    external = _external(proto)
+    with tempfile.TemporaryDirectory(prefix="stageformer-quantize-") as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        _save_model(proto, source, external)
+        try:
+            quantize_int8(source, target, inputs, external_data=external)
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime cannot quantize the graph: {first_line(exc)}") from exc
+        return onnx.load(str(target))  # external data, if any, is read into memory here
+
+
+def _quantize(
+    options: _Options, loaded: _Loaded, proto: onnx.ModelProto, steps: _Steps
+) -> tuple[onnx.ModelProto, QuantizationReport]:
+    """The int8 graph and its gate's figures; raises ``AgreementError`` when the gate fails."""
+    images, ckpt = loaded.calibration, loaded.checkpoint
+    assert images is not None  # _check_quantize_options made sure
+    inputs = parity_lib.model_input(images.pixels, options.input_format, ckpt.preprocess)
+    references = run_batched(loaded.reference, images.pixels, CALIBRATION_BATCH_SIZE)
+    quantized = _quantized(proto, inputs[~images.held_out])
+    check_signature(quantized, options.input_format, ckpt.preprocess.image_size, ckpt.config.num_classes)
+    _stamp(quantized, options, ckpt.config.num_classes)
+    runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider"
+    with _runnable(quantized) as model:
+        run = parity_lib.session_runner(_open_session(model, "CPUExecutionProvider"))
+        report = check_agreement(
+            run, images, inputs, references, INT8_SETTINGS, options.min_agreement, runtime, _pytorch_name()
+        )
+    steps.done("quantize", report.summary())
+    if not report.passed:
+        raise AgreementError(
+            f"int8 gate failed: {report.summary()}. Nothing was written; if the calibration images are "
+            "representative and this agreement is acceptable, lower --min-agreement; otherwise serve the fp32 file",
+            report,
+        )
+    return quantized, report
+
+
 # --- save -----------------------------------------------------------------------------------------
 
 
@@ -456,6 +553,7 @@ def _metadata(
     loaded: _Loaded,
     parity: ParityReport,
     parity_cuda: ParityReport | None,
+    quantization: QuantizationReport | None,
 ) -> dict[str, str]:
     """What the file's ``metadata_props`` hold; the keys the server reads are ``stageformer.core.formats``'."""
     ckpt_meta = loaded.checkpoint.metadata
@@ -481,6 +579,8 @@ def _metadata(
         **_versions(),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if quantization is not None:
+        metadata[QUANTIZATION_KEY] = json.dumps(quantization.to_dict(), sort_keys=True)
     return metadata
 
 
@@ -554,6 +654,9 @@ def export_onnx(
     triton_max_queue_delay_us: int = DEFAULT_TRITON_QUEUE_DELAY_US,
     exporter: str = DEFAULT_EXPORTER,
     parity_batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
+    quantize: str | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
     progress: Progress | None = None,
 ) -> ExportReport:
     """Export a checkpoint to a single-file ONNX model that passed the parity gate.
@@ -562,12 +665,14 @@ def export_onnx(
     (``float32 [batch, 3, H, W]``). ``fp16``: weights and compute in half precision, input and output
     types unchanged. ``atol``: the largest allowed |logit difference| against PyTorch fp32 (default
     1e-4, or 5e-2 with ``fp16``). ``name``: the model's name (default: the checkpoint's file stem), used
-    for the Triton directory. ``progress(step, message)`` receives one line per step; without it the steps
-    are logged.
+    for the Triton directory. ``quantize="int8"``: the checked graph quantized for CPUs, calibrated on the
+    images in the folder ``calibration``, written only if its top-1 classes agree with PyTorch fp32's on at
+    least ``min_agreement`` of the calibration images and of the held-out ones. ``progress(step, message)``
+    receives one line per step; without it the steps are logged.
 
-    Raises ``ExportError`` (``ParityError`` when the gate fails) with nothing written to ``output_path``
-    or ``triton_repo``: for bad options, a checkpoint that cannot be loaded, a model that cannot be run,
-    traced or loaded by ONNX Runtime, and logits that differ.
+    Raises ``ExportError`` (``ParityError`` or ``AgreementError`` when a gate fails) with nothing written to
+    ``output_path`` or ``triton_repo``: for bad options, a checkpoint that cannot be loaded, a model that
+    cannot be run, traced, quantized or loaded by ONNX Runtime, and predictions that differ.
     """
     steps = _Steps(progress)
     options = _Options(
@@ -576,20 +681,23 @@ def export_onnx(
         input_format=input,
         opset=opset,
         exporter=exporter,
-        precision=FP16 if fp16 else FP32,
+        precision=_precision(fp16, quantize),
         atol=float(atol) if atol is not None else (DEFAULT_FP16_ATOL if fp16 else DEFAULT_ATOL),
         name=name if name is not None else Path(checkpoint_path).stem,
         parity_batch_sizes=tuple(int(b) for b in parity_batch_sizes),
         triton_repo=Path(triton_repo) if triton_repo is not None else None,
         triton_max_batch_size=triton_max_batch_size,
         triton_max_queue_delay_us=triton_max_queue_delay_us,
+        calibration=Path(calibration) if calibration is not None else None,
+        min_agreement=min_agreement,
     )
     _check_options(options)
 
     loaded = _load(options, steps)
     proto = _trace(options, loaded, steps)
     parity, parity_cuda = _check(options, loaded, proto, steps)
-    metadata = _metadata(options, loaded, parity, parity_cuda)
+    proto, quantization = _quantize(options, loaded, proto, steps) if options.precision == INT8 else (proto, None)
+    metadata = _metadata(options, loaded, parity, parity_cuda, quantization)
     external_path, size = _save(proto, options.output, metadata, steps)
     triton_dir = _write_triton(options, loaded, external_path, steps)
     steps.done("done", f"exported {options.name} in {steps.total():.1f} s")
@@ -610,6 +718,7 @@ def export_onnx(
         external_data_path=external_path,
         triton_model_dir=triton_dir,
         metadata=metadata,
+        quantization=quantization,
     )
 
 
@@ -620,6 +729,7 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 __all__ = [
+    "AgreementError",
     "ExportError",
     "ExportReport",
     "ExportWrapper",

@@ -20,6 +20,14 @@ DEFAULT_FP16_ATOL = 5e-2  # the same for an fp16 graph against the fp32 PyTorch 
 PARITY_BATCH_SIZES = (1, 3, 8)
 PARITY_SEED = 0
 
+# int8 quantization (``--quantize int8 --calibration DIR``)
+QUANTIZE_CHOICES = ("int8",)
+DEFAULT_MIN_AGREEMENT = 0.99  # top-1 agreement of the int8 graph with PyTorch fp32, on each image set
+MAX_CALIBRATION_IMAGES = 500  # a larger folder is thinned evenly; MinMax ranges settle long before
+RECOMMENDED_CALIBRATION_IMAGES = 100  # fewer is allowed, with a warning
+HOLD_OUT_EVERY = 5  # every fifth calibration image checks the result instead of calibrating
+CALIBRATION_BATCH_SIZE = 8
+
 DEFAULT_TRITON_MAX_BATCH_SIZE = 32
 DEFAULT_TRITON_QUEUE_DELAY_US = 1000
 

@@ -27,13 +27,20 @@ def test_defaults_and_help() -> None:
     assert (args.checkpoint, args.output, args.input, args.opset) == ("m.safetensors", "m.onnx", "raw", 20)
     assert not args.fp16 and args.exporter == "dynamo" and args.triton_max_queue_delay_us == 1000
     assert args.atol is None and args.triton_repo is None and args.triton_max_batch_size == 32 and args.name is None
+    assert args.quantize is None and args.calibration is None and args.min_agreement == 0.99
     parser = argparse.ArgumentParser(prog="stageformer export")
     add_arguments(parser)
     text = parser.format_help()
-    for flag in ("--input", "--opset", "--fp16", "--atol", "--triton-repo", "--triton-max-batch-size", "--name"):
+    for flag in ("--input", "--opset", "--fp16", "--atol", "--triton-repo", "--triton-max-batch-size", "--name",
+                 "--quantize", "--calibration", "--min-agreement"):  # fmt: skip
         assert flag in text
     with pytest.raises(SystemExit):
         parse(["m.safetensors"])  # -o is required
+    with pytest.raises(SystemExit):
+        parse(["m.safetensors", "-o", "m.onnx", "--quantize", "int4"])
+    args = parse(["m.safetensors", "-o", "m.onnx", "--quantize", "int8", "--calibration", "photos", "--min-agreement",
+                  "0.95"])  # fmt: skip
+    assert (args.quantize, args.calibration, args.min_agreement) == ("int8", "photos", 0.95)
 
 
 def test_importing_the_cli_does_not_import_torch() -> None:
@@ -69,6 +76,20 @@ def test_run_fails_with_status_1_and_writes_nothing(
     assert "FAILED" in captured.out.splitlines()[-1]  # the check line, with its figures
     assert captured.err.startswith("stageformer export: error: parity gate failed")
     assert files_under(tmp_path / "out") == []
+
+
+def test_run_says_what_int8_needs(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = make_checkpoint(small_config("pooling"), file_name="p")
+    assert run(parse([str(checkpoint), "-o", str(tmp_path / "p.onnx"), "--quantize", "int8"])) == 1
+    assert "error: --quantize int8 needs --calibration DIR" in capsys.readouterr().err
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    assert run(parse([str(checkpoint), "-o", str(tmp_path / "p.onnx"), "--quantize", "int8", "--calibration",
+                      str(empty)])) == 1  # fmt: skip
+    assert "holds 0 readable images" in capsys.readouterr().err
+    assert files_under(tmp_path) == ["ckpt", "ckpt/p.safetensors", "photos"]
 
 
 def test_run_reports_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
