@@ -532,9 +532,12 @@ def _quantize(
     runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider"
     with _runnable(quantized) as model:
         run = parity_lib.session_runner(_open_session(model, "CPUExecutionProvider"))
-        report = check_agreement(
-            run, images, inputs, references, INT8_SETTINGS, options.min_agreement, runtime, _pytorch_name()
-        )
+        try:
+            report = check_agreement(
+                run, images, inputs, references, INT8_SETTINGS, options.min_agreement, runtime, _pytorch_name()
+            )
+        except Exception as exc:
+            raise ExportError(f"{runtime} cannot run the int8 graph: {first_line(exc)}") from exc
     steps.done("quantize", report.summary())
     if not report.passed:
         raise AgreementError(
