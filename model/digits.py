@@ -346,9 +346,9 @@ class DigitAugment:
     """
 
     config: PreprocessConfig
-    plain: float = 0.15
+    plain: float = 0.2
     frame: tuple[int, int] = (24, 160)  # side of the picture, pixels
-    height: tuple[float, float] = (0.3, 0.95)  # digit height, of the side
+    height: tuple[float, float] = (0.2, 0.95)  # digit height, of the side
     rotate: float = 12.0  # degrees, either way
     shear: float = 0.25  # horizontal shear, either way
     aspect: tuple[float, float] = (0.75, 1.3)  # width stretch

@@ -118,7 +118,7 @@ def finish(checkpoint: Path, out: Path, ship: bool) -> dict[str, float]:
         if abs(exported[source] - accuracy[source]) * counts[source] > 1.5:
             raise RuntimeError(f"{onnx_path} scores {exported[source]:.4f} on {source}, PyTorch {accuracy[source]:.4f}")
     for source, value in accuracy.items():
-        log.info("held out %-16s %.2f%% (ONNX %.2f%%)", source, 100 * value, 100 * exported[source])
+        log.info("held out %-22s %.2f%% (ONNX %.2f%%)", source, 100 * value, 100 * exported[source])
     if ship:
         DEMO.mkdir(parents=True, exist_ok=True)
         for path in (target, onnx_path):

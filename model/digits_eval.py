@@ -5,6 +5,7 @@
 - ``typed``: every digit in every font of ``model.digits.HELD_OUT_FONTS`` (families training never
   renders), typed in a square picture of 28 to 200 pixels at various sizes and small offsets, dark on
   light, a third of them light on dark.
+- ``typed-small``: the same, the digit small in the picture (a fifth to a third of its height).
 - ``drawn``: digits drawn on a canvas with a mouse or finger: round-capped lines of one width, in the
   shapes of ``HELD_OUT_HAND`` (written separately from training's ``model.digits.HAND``), dark on
   light, a fifth of them light on dark.
@@ -31,7 +32,7 @@ from stageformer.core.preprocess import PreprocessConfig, preprocess, reduce_whi
 
 from .digits import HELD_OUT_FONTS, Hand, Pen, Shape, arc, draw_digit, font_files, polyline, stroke, trace
 
-SOURCES = ("sklearn", "typed", "drawn", "photo")
+SOURCES = ("sklearn", "typed", "typed-small", "drawn", "photo")
 SEED = 20_240_601  # of every held-out set; the training recipe never uses it
 SERVER_OVERSAMPLE = 2.0  # stageformer serve's default decoding: --decode fast, --decode-oversample 2
 
@@ -110,7 +111,8 @@ class Case:
 # --- typed ---------------------------------------------------------------------------------------
 
 
-TYPED_SIZE = (0.55, 0.9)  # font size (em) of typed digits, of the picture's side
+TYPED_SIZE = (0.55, 0.9)  # font size (em) of typed digits, of the picture's side (the digit: 40-65% of it)
+SMALL_SIZE = (0.28, 0.45)  # font size of the small typed digits (the digit: 20-32% of the picture)
 
 
 def typed_case(
@@ -252,8 +254,9 @@ def sklearn_cases(size: int) -> list[Case]:
 
 
 def held_out_cases(config: PreprocessConfig) -> list[Case]:
-    """All four held-out sets, in ``SOURCES`` order."""
-    return sklearn_cases(config.image_size) + typed_cases() + drawn_cases() + photo_cases()
+    """All held-out sets, in ``SOURCES`` order."""
+    small = typed_cases(seed=SEED + 1, size=SMALL_SIZE, source="typed-small")
+    return sklearn_cases(config.image_size) + typed_cases() + small + drawn_cases() + photo_cases()
 
 
 Predict = Callable[[np.ndarray], np.ndarray]  # uint8 [B, H, W, 3] -> predicted class indices [B]

@@ -42,13 +42,11 @@ from stageformer.core.recipes import RECIPES
 
 from .checkpoint import load_checkpoint
 from .data import Collate, EpochSampler, ImageDataset, load_data
-from .digits_eval import Case, accuracy_by_source, held_out_cases, predictions, typed_cases
+from .digits_eval import Case, accuracy_by_source, held_out_cases, predictions
 from .hierarchical import Classifier
 from .presets import get_preset
 
 log = logging.getLogger(__name__)
-
-SMALL = (0.28, 0.45)  # font size of the small typed digits, of the picture's side (the digit: about 20-30%)
 
 
 def _ring_mean(gray: Tensor) -> Tensor:
@@ -154,11 +152,6 @@ def train_variant(name: str, args: argparse.Namespace, config: PreprocessConfig)
     return model.eval()
 
 
-def study_cases(config: PreprocessConfig) -> list[Case]:
-    """The held-out sets, plus every held-out font's digits typed small (a fifth to a third of the picture)."""
-    return held_out_cases(config) + typed_cases(seed=7, size=SMALL, source="typed-small")
-
-
 def score(model: nn.Module, cases: list[Case], config: PreprocessConfig) -> dict[str, float]:
     def predict(pixels: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -191,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     config = get_preset("digits").preprocess
-    cases = study_cases(config)
+    cases = held_out_cases(config)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     if args.baseline is not None:

@@ -55,10 +55,10 @@ DEFAULT_RECIPE = Recipe()
 # Per-preset defaults, used when that preset is trained (and named in `stageformer train --help`).
 RECIPES: dict[str, Recipe] = {
     # The demo, on the `digits` data (scikit-learn's, typed and drawn digits; 15,650 pictures an epoch):
-    # about 600 CPU-seconds, some 5 minutes on 2 idle cores. One worker augments while one thread trains,
+    # about 720 CPU-seconds, some 6 minutes on 2 idle cores. One worker augments while one thread trains,
     # which also stays fast when other programs share the CPU. Figures: docs/training.md, "The demo model".
     "digits": Recipe(
-        epochs=18,
+        epochs=24,
         batch_size=64,
         lr=2e-3,
         weight_decay=0.05,

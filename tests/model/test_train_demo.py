@@ -29,8 +29,9 @@ from stageformer.core.preprocess import normalize, preprocess, stack
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "service" / "demo" / "digits.safetensors"
 DEMO_ONNX = ROOT / "service" / "demo" / "digits.onnx"
-# The targets (scikit-learn, typed in unseen fonts, drawn), and a bar for photographs of paper.
-TARGETS = {"sklearn": 0.97, "typed": 0.95, "drawn": 0.95, "photo": 0.90}
+# The targets (scikit-learn, typed in unseen fonts, drawn), and bars for photographs of paper and for digits
+# typed small in the picture (a fifth to a third of its height), a few points under what the model scores.
+TARGETS = {"sklearn": 0.97, "typed": 0.95, "typed-small": 0.85, "drawn": 0.95, "photo": 0.90}
 
 # Hand-drawn strokes of each digit on a unit square (y down): polylines and ellipses. A third hand, written
 # for this test alone (training draws model.digits.HAND, model.digits_eval holds another).
