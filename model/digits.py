@@ -384,21 +384,16 @@ class DigitAugment:
         shear = rng.uniform(-self.shear, self.shear)
         cos, sin = math.cos(angle), math.sin(angle)
         forward = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, shear], [0.0, 1.0]])
-        corners = (
-            np.array([[0, 0], [glyph.width, 0], [0, glyph.height], [glyph.width, glyph.height]])
-            - [
-                glyph.width / 2,
-                glyph.height / 2,
-            ]
-        ) @ forward.T
-        extent = corners.max(axis=0) - corners.min(axis=0)
+        middle = np.array([glyph.width / 2, glyph.height / 2])
+        corners = np.array([[0, 0], [glyph.width, 0], [0, glyph.height], [glyph.width, glyph.height]]) - middle
+        extent = np.ptp(corners @ forward.T, axis=0)
         fit = min(1.0, 0.98 * side / max(extent.max(), 1e-6))  # rotation and shear may widen it past the frame
         forward = forward * fit
         margin = np.maximum(side - extent * fit, 0.0) / 2
         centre = side / 2 + rng.uniform(-1, 1, size=2) * margin * self.offset
         inverse = np.linalg.inv(forward)
-        # Pillow maps each output pixel to an input one: input = inverse @ (output - centre) + glyph centre
-        shift = np.array([glyph.width / 2, glyph.height / 2]) - inverse @ centre
+        # Pillow maps each output pixel to an input one: input = inverse @ (output - centre) + glyph middle
+        shift = middle - inverse @ centre
         coefficients = (inverse[0, 0], inverse[0, 1], shift[0], inverse[1, 0], inverse[1, 1], shift[1])
         placed = glyph.transform((side, side), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR)
         return np.asarray(placed, dtype=np.float32) / 255.0

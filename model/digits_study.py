@@ -49,25 +49,27 @@ from .presets import get_preset
 log = logging.getLogger(__name__)
 
 
-def _ring_mean(gray: Tensor) -> Tensor:
-    """Mean of the outermost pixels of each image of ``gray`` (B, H, W): the background, as a rule."""
-    ring = torch.cat([gray[:, 0], gray[:, -1], gray[:, 1:-1, 0], gray[:, 1:-1, -1]], dim=1)
-    return ring.mean(dim=1)
+def _dark_ink(gray: Tensor) -> Tensor:
+    """Per image of ``gray`` (B, H, W), whether the ink is darker than the ground: the image's mean (mostly
+    ground) lies nearer its brightest pixel than its darkest. Unlike the border's mean, this holds under
+    a shadow or uneven light across a photographed page."""
+    low, high, mean = gray.amin(dim=(1, 2)), gray.amax(dim=(1, 2)), gray.mean(dim=(1, 2))
+    return (high - mean) < (mean - low)
 
 
 class PolarityNorm(nn.Module):
     """Light ink on a dark ground -> dark on light, by negating the normalised input (mean 0.5 and
-    std 0.5 make ``255 - v`` exactly ``-x``) when the border is darker than the image as a whole."""
+    std 0.5 make ``255 - v`` exactly ``-x``) when the ink is not the darker side (``_dark_ink``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        gray = x.mean(dim=1)
-        flip = _ring_mean(gray) < gray.mean(dim=(1, 2))
+        flip = ~_dark_ink(x.mean(dim=1))
         return torch.where(flip[:, None, None, None], -x, x)
 
 
 class FramingNorm(nn.Module):
-    """Cut out the ink's bounding box (pixels differing from the border's mean by over half the largest
-    difference), widen it to a square with a margin, and resample it to the full input (bilinear)."""
+    """Cut out the ink's bounding box (pixels on the ink's side of the mean by over half the largest
+    such difference), widen it to a square with a margin, and resample it to the full input (bilinear);
+    outside the picture, the mean."""
 
     def __init__(self, margin: float = 1.25, smallest: float = 6.0) -> None:
         super().__init__()
@@ -76,8 +78,9 @@ class FramingNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
         gray = x.mean(dim=1)
-        ground = _ring_mean(gray)
-        ink = (gray - ground[:, None, None]).abs()
+        ground = gray.mean(dim=(1, 2))
+        sign = torch.where(_dark_ink(gray), -1.0, 1.0)[:, None, None]
+        ink = (gray - ground[:, None, None]) * sign
         mask = ink > 0.5 * ink.amax(dim=(1, 2), keepdim=True).clamp_min(1e-3)
         top, bottom = _extent(mask.any(dim=2))
         left, right = _extent(mask.any(dim=1))

@@ -212,6 +212,19 @@ def test_polarity_norm_turns_light_on_dark_into_dark_on_light() -> None:
     assert torch.allclose(PolarityNorm()(inverted), upright, atol=1e-6)
 
 
+def test_polarity_norm_keeps_a_photographed_page_with_dark_edges() -> None:
+    # A page in a dark frame (a shadow, the table around it): its border is darker than its middle, yet the
+    # ink is dark on light, and stays so.
+    page = np.asarray(draw_digit(6, np.random.default_rng(1), size=24), dtype=np.float32)
+    y, x = np.mgrid[0:24, 0:24] / 23 - 0.5
+    shaded = page * np.clip(1.25 - 1.6 * np.maximum(np.abs(x), np.abs(y)), 0.3, 1.0)
+    picture = Image.fromarray(np.rint(shaded).astype(np.uint8)).convert("RGB")
+    tensor = normalized(picture)
+    gray = tensor[0].mean(dim=0)
+    assert torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]]).mean() < gray.mean()  # the edges are dark
+    assert torch.equal(PolarityNorm()(tensor), tensor)
+
+
 def test_framing_norm_fills_the_frame_with_a_small_digit() -> None:
     small = Image.new("L", (240, 240), 255)
     small.paste(draw_digit(2, np.random.default_rng(0), size=60), (70, 110))
