@@ -183,28 +183,48 @@ class OnnxModel:
         self.buckets = batch_buckets(max_batch_size) if self.on_gpu else []
 
     def measure_batch_sizes(self, limit: int, budget_s: float) -> dict[int, float]:
-        """Images per second of one session at each power-of-two batch size up to ``limit``, within about
-        ``budget_s`` seconds: each size gets an untimed run, then timed runs (at least two) until its share of
-        the budget is spent; the median run counts. Sizes are tried in increasing order and the measurement
-        stops early when one more size would overrun the budget (those sizes are then not candidates)."""
-        sizes = powers_of_two(limit)
-        share = budget_s / len(sizes)
+        """Images per second of one session at power-of-two batch sizes up to ``limit``, within about
+        ``budget_s`` seconds. First one run per size, smallest first, to find the sizes worth timing: the
+        climb stops at ``limit``, at a size slower per image than the best so far by a fifth two sizes in a
+        row, or when the next size would not fit half the budget; sizes far slower than the best are dropped
+        (batch 1, the reference, never). Then timed rounds go over those sizes in turn,
+        each round in the opposite order of the last, until the budget is spent (at least three rounds), so
+        that a machine whose load changes meanwhile slows every size alike; the median run of each size
+        counts."""
         started = time.perf_counter()
-        throughput: dict[int, float] = {}
+        sizes = self._sizes_worth_timing(powers_of_two(limit), budget_s / 2)
+        runs: dict[int, list[float]] = {size: [] for size in sizes}
+        rounds = 0
+        while rounds < 3 or time.perf_counter() - started < budget_s:
+            for size in sizes if rounds % 2 == 0 else reversed(sizes):
+                runs[size].append(self._timed_run(size))
+            rounds += 1
+            if rounds >= 50:
+                break
+        self.batch_throughput = {size: size / statistics.median(times) for size, times in runs.items()}
+        return self.batch_throughput
+
+    def _sizes_worth_timing(self, sizes: list[int], budget_s: float) -> list[int]:
+        started, last = time.perf_counter(), 0.0
+        rates: dict[int, float] = {}
+        worse_in_a_row = 0
         for size in sizes:
-            batch = np.zeros((size, *self.info.sample_shape), dtype=self.info.input_dtype)
-            first = time.perf_counter()
-            self._run_exact(batch)
-            if throughput and time.perf_counter() - started + 2 * (time.perf_counter() - first) > budget_s:
-                break  # the timed runs of this size would not fit
-            runs: list[float] = []
-            while len(runs) < 2 or (sum(runs) < share and len(runs) < 20):
-                tick = time.perf_counter()
-                self._run_exact(batch)
-                runs.append(time.perf_counter() - tick)
-            throughput[size] = size / statistics.median(runs)
-        self.batch_throughput = throughput
-        return throughput
+            if rates and time.perf_counter() - started + 4 * last > budget_s:
+                break  # two runs of this size (each about twice the last one's time) would not fit
+            last = min(self._timed_run(size), self._timed_run(size))  # the first run also allocates
+            best = max(rates.values(), default=0.0)
+            rates[size] = size / last
+            worse_in_a_row = worse_in_a_row + 1 if rates[size] < 0.8 * best else 0
+            if worse_in_a_row == 2:
+                break
+        best = max(rates.values())
+        return [size for size, rate in rates.items() if rate >= 0.7 * best or size == 1]  # others cannot win
+
+    def _timed_run(self, size: int) -> float:
+        batch = np.zeros((size, *self.info.sample_shape), dtype=self.info.input_dtype)
+        tick = time.perf_counter()
+        self._run_exact(batch)
+        return time.perf_counter() - tick
 
     def _run_exact(self, batch: np.ndarray) -> np.ndarray:
         """One inference call at exactly this batch size (no bucket padding), for measuring."""

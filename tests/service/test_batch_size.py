@@ -28,12 +28,12 @@ def test_never_a_size_slower_per_image_than_batch_one(throughput: dict[int, floa
     assert throughput[chosen] >= 0.95 * max(throughput.values())
 
 
-def test_measuring_times_each_power_of_two_within_the_budget(tiny_onnx: Path) -> None:
+def test_measuring_times_powers_of_two_within_the_budget(tiny_onnx: Path) -> None:
     model = OnnxModel(tiny_onnx, device="cpu")
     started = time.perf_counter()
     throughput = model.measure_batch_sizes(limit=16, budget_s=1.0)
     assert time.perf_counter() - started < 3.0
-    assert list(throughput) == [1, 2, 4, 8, 16] and all(rate > 0 for rate in throughput.values())
+    assert 1 in throughput and set(throughput) <= {1, 2, 4, 8, 16} and all(rate > 0 for rate in throughput.values())
     assert model.batch_throughput == throughput
 
 
@@ -41,7 +41,7 @@ async def test_the_server_measures_shows_and_uses_the_chosen_size(tiny_onnx: Pat
     async with serve(models=[str(tiny_onnx)], auto_batch_limit=8, auto_batch_budget_s=0.5) as client:
         params = (await client.get("/v2/models/tiny")).json()["parameters"]
         table = {int(b): rate for b, rate in params["images_per_second_by_batch_size"].items()}
-        assert params["max_batch_size_measured"] is True and list(table) == [1, 2, 4, 8]
+        assert params["max_batch_size_measured"] is True and 1 in table and set(table) <= {1, 2, 4, 8}
         assert params["max_batch_size"] == choose_batch_size(table)
         text = (await client.get("/metrics")).text
         assert metric(text, "stageformer_max_batch_size", model="tiny") == params["max_batch_size"]
