@@ -26,8 +26,8 @@ DESCRIPTION = (
     "Measure engines (PyTorch eager vs ONNX Runtime), decoding, serving under load (stageformer /v1 and /v2 against "
     "plain FastAPI endpoints and LitServe, on the same ONNX file and JPEG files) and the in-process limit, our "
     "server's thread settings, and int8 against fp32; write report.md, results.json and PNG plots. The full run "
-    "takes about 45 minutes on 2 CPU cores, --quick about 10. `python -m bench gpu` checks the GPU path instead "
-    "(see bench/gpu.py)."
+    "took 31 minutes on 2 CPU cores with the models already exported; --quick is a check, not figures. "
+    "`python -m bench gpu` checks the GPU path instead (see bench/gpu.py)."
 )
 
 QUICK = {
