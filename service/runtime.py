@@ -116,6 +116,19 @@ def choose_batch_size(throughput: dict[int, float], tolerance: float = 0.05) -> 
     return min(size for size, rate in throughput.items() if rate >= (1.0 - tolerance) * best)
 
 
+def _load_cuda_libraries() -> None:
+    """onnxruntime-gpu from PyPI may find CUDA and cuDNN only in NVIDIA's pip packages (nvidia-cuda-runtime,
+    nvidia-cudnn, ...), which the dynamic loader does not search: ``preload_dlls`` loads them from there, or
+    from the system's paths (as in NVIDIA's CUDA images). Whether CUDA then really starts is checked after."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload(directory="")
+    except Exception as exc:  # a missing library shows below as CUDA not starting; say why here
+        logger.warning("could not preload the CUDA libraries: %s", exc)
+
+
 def _cuda_works(providers: list[str]) -> bool:
     return bool(providers) and providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -246,6 +259,7 @@ class OnnxModel:
         available = ort.get_available_providers()
         if device == "auto" and "CUDAExecutionProvider" not in available:
             return [cpu]
+        _load_cuda_libraries()
         return [cuda, cpu]
 
     def bucket(self, n: int) -> int:
