@@ -122,8 +122,10 @@ async function loadMetadata() {
   const labels = params.labels || [];
   $("meta-classes").textContent = `${labels.length}: ${describeList(labels)}`;
   $("meta-provider").textContent = params.provider || "unknown";
+  const chosen = params.max_batch_size_measured ? " (the fastest size, measured when the model loaded)" : "";
   $("meta-batching").textContent =
-    `up to ${params.max_batch_size} images per run, waiting at most ${params.max_queue_delay_ms} ms for more`;
+    `up to ${params.max_batch_size} images per run${chosen}, waiting at most ${params.max_queue_delay_ms} ms ` +
+    "for more while other requests are on their way";
   ui.info.hidden = false;
 }
 

@@ -140,6 +140,8 @@ def test_page_classifies_uploaded_and_dropped_digits_and_shows_refusals(tab: Pag
         expect(page.locator("#meta-classes")).to_have_text("10: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9")
         expect(page.locator("#meta-provider")).to_have_text(meta["provider"])
         expect(page.locator("#meta-batching")).to_contain_text(f"up to {meta['max_batch_size']} images per run")
+        assert meta["max_batch_size_measured"]  # the demo serves with --max-batch-size auto, the default
+        expect(page.locator("#meta-batching")).to_contain_text("measured when the model loaded")
         for link, path in (("#docs-link", "/docs"), ("#metrics-link", "/metrics")):
             href = page.locator(link).evaluate("a => a.href")
             assert href == base + path
