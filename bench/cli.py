@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 BENCH_DIR = Path(__file__).resolve().parent
 
 DESCRIPTION = (
-    "Measure engines (PyTorch eager vs ONNX Runtime), decoding, serving under load (stageformer /v1 and /v2 against "
-    "plain FastAPI endpoints and LitServe, on the same ONNX file and JPEG files) and the in-process limit, our "
+    "Measure engines (PyTorch eager vs ONNX Runtime), decoding, serving under load (stageformer /v1, /v2 and gRPC "
+    "against plain FastAPI endpoints and LitServe, on the same ONNX file and JPEG files) and the in-process limit, our "
     "server's thread settings, and int8 against fp32; write report.md, results.json and PNG plots. The full run "
     "took 31 minutes on 2 CPU cores with the models already exported; --quick is a check, not figures. "
     "`python -m bench gpu` checks the GPU path instead (see bench/gpu.py)."
@@ -106,6 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--int8-concurrency", type=_ints, default=(1, 16), help="client counts of the int8 rows (default 1,16)"
     )
+    parser.add_argument(
+        "--grpc-channels", type=int, default=0, metavar="N",
+        help="gRPC channels the clients of stageformer gRPC share (default 0: one channel per client)",
+    )  # fmt: skip
     parser.add_argument("--images", type=int, default=8, help="how many JPEG files to send in turn (default 8)")
     parser.add_argument("--synthetic-images", action="store_true", help="synthetic pictures instead of photos")
     parser.add_argument(
@@ -146,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "images": args.images,
         "synthetic_images": args.synthetic_images,
         "serve_args": tuple(args.serve_arg),
+        "grpc_channels": args.grpc_channels,
         "cache_dir": args.cache_dir,
     }
     given = {"thread_variants": args.thread_variants, "calibration_images": args.calibration_images}

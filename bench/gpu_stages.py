@@ -199,6 +199,7 @@ def serve_check(work: Path, files: dict[str, Path], size: int, device: str, limi
     port = free_port()
     argv = [sys.executable, "-m", "stageformer", "serve", *map(str, files.values()), "--device", device]
     argv += ["--max-batch-size", str(BATCH), "--host", servers.HOST, "--port", str(port), "--log-level", "warning"]
+    argv += ["--grpc-port", "0"]  # HTTP only: no listener on the default gRPC port
     process = servers.ServerProcess("stageformer", argv, port, "/v2/health/ready", work / "server.log")
     try:
         seconds = process.start(timeout_s=300)

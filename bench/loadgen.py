@@ -1,10 +1,11 @@
-"""A closed-loop HTTP load generator: ``concurrency`` clients, each on its own keep-alive connection,
-each sending its next request as soon as the previous answer has arrived.
+"""A closed-loop load generator: ``concurrency`` clients, each sending its next request as soon as the previous
+answer has arrived. Over HTTP/1.1 (``run_level``) each client holds its own keep-alive connection; the same loop
+drives gRPC clients (``bench.grpc_load``).
 
-It is written on raw asyncio streams so that the client costs little CPU next to the servers it
-measures (on a 2-core machine the client and the server share the cores). Requests are built once,
-before the clock starts. It talks only to loopback addresses, and every run is bounded in time and in
-request count, and stops by itself.
+The HTTP client is written on raw asyncio streams so that it costs little CPU next to the servers it
+measures (on a 2-core machine the client and the server share the cores); the CPU time the load generator
+spent in each window is recorded beside the figures. Requests are built once, before the clock starts. It
+talks only to loopback addresses, and every run is bounded in time and in request count, and stops by itself.
 
 Measurement: clients run through a warm-up, then a measured window ``[start, end)``; a request counts
 when it completes inside the window. After the window no new request starts; those in flight finish
@@ -20,7 +21,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -150,13 +151,14 @@ class LevelResult:
     concurrency: int
     seconds: float  # length of the measured window
     ok: int  # 2xx answers completed inside the window
-    errors: int  # non-2xx answers and failed requests completed inside the window
+    errors: int  # failed requests (non-2xx answers, gRPC errors, no answer) completed inside the window
     throughput: float  # ok / seconds
     latency_ms: dict[str, float]  # mean, p50, p95, p99, max of the ok requests
-    statuses: dict[str, int] = field(default_factory=dict)  # status (or exception name) -> count, window only
+    statuses: dict[str, int] = field(default_factory=dict)  # status, gRPC code or exception name -> count, window
     first_error: str | None = None  # one error message, for the report
     mean_batch: float | None = None  # from the server's own counters, where it has them
     extra: dict[str, Any] = field(default_factory=dict)
+    client_cpu_s: float | None = None  # CPU time of the load generator's process over the window
     samples_s: list[float] = field(default_factory=list, repr=False)  # the ok latencies, for merging windows
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,7 +177,10 @@ def merge(results: Sequence[LevelResult]) -> LevelResult:
             statuses[status] = statuses.get(status, 0) + n
     samples = [x for r in results for x in r.samples_s]
     first_error = next((r.first_error for r in results if r.first_error), None)
-    return summarize(results[0].concurrency, sum(r.seconds for r in results), samples, statuses, first_error)
+    merged = summarize(results[0].concurrency, sum(r.seconds for r in results), samples, statuses, first_error)
+    cpu = [r.client_cpu_s for r in results]
+    merged.client_cpu_s = None if None in cpu else sum(c for c in cpu if c is not None)
+    return merged
 
 
 def summarize(
@@ -185,11 +190,12 @@ def summarize(
     statuses: dict[str, int],
     first_error: str | None = None,
 ) -> LevelResult:
-    """Throughput and latency figures from the ok requests' latencies and the count of every outcome."""
+    """Throughput and latency figures from the successful requests' latencies and the count of every outcome
+    (``statuses``, successes included): every request counted there without a latency is an error."""
     if seconds <= 0:
         raise ValueError("the measured window must be longer than 0 s")
     ok = len(latencies_s)
-    errors = sum(statuses.values()) - sum(n for s, n in statuses.items() if s.isdigit() and 200 <= int(s) < 300)
+    errors = max(0, sum(statuses.values()) - ok)
     ms = [x * 1000.0 for x in latencies_s]
     latency = {
         "mean": sum(ms) / ok if ok else math.nan,
@@ -232,6 +238,51 @@ class LoadPlan:
 Hook = Callable[[], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What one request came to."""
+
+    label: str  # counted in ``statuses``: an HTTP status, a gRPC status code's name or an exception's name
+    ok: bool
+    error: str | None = None  # what went wrong, for the report
+    unreachable: bool = False  # no answer at all (refused, reset, timed out): wait a little before the next try
+
+
+class Client(Protocol):
+    """One client of the closed loop, on its own connection (or a channel it may share): sends prepared request
+    number ``which`` and says how it went. Errors of the transport are outcomes, not exceptions."""
+
+    async def send(self, which: int) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+class HttpClient:
+    """A closed-loop client on one keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, host: str, port: int, requests: Sequence[Request]) -> None:
+        self.connection = Connection(host, port)
+        self.requests = requests
+
+    async def send(self, which: int) -> Outcome:
+        try:
+            status, body = await self.connection.send(self.requests[which])
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            return failed(exc)
+        if 200 <= status < 300:
+            return Outcome(str(status), True)
+        return Outcome(str(status), False, f"HTTP {status}: {body[:300].decode('utf-8', 'replace')}")
+
+    async def close(self) -> None:
+        self.connection.close()
+
+
+def failed(exc: BaseException) -> Outcome:
+    """The outcome of a request that got no answer."""
+    name = type(exc).__name__
+    return Outcome(name, False, f"{name}: {exc}", unreachable=True)
+
+
 async def run_level(
     host: str,
     port: int,
@@ -240,64 +291,74 @@ async def run_level(
     on_window_start: Hook | None = None,
     on_window_end: Hook | None = None,
 ) -> LevelResult:
-    """Run one closed-loop level. Client ``i`` sends ``requests[(i + k) % len(requests)]`` as its k-th
-    request, so every image is sent about equally often. The hooks run at the window's edges (to read
-    the server's counters); their time is inside the window."""
+    """Run one closed-loop level over HTTP/1.1, each client on its own keep-alive connection. Client ``i``
+    sends ``requests[(i + k) % len(requests)]`` as its k-th request, so every image is sent about equally
+    often. The hooks run at the window's edges (to read the server's counters); their time is inside the
+    window."""
     check_loopback(host)
     if not requests:
         raise LoadError("no requests to send")
+    return await closed_loop(
+        plan, len(requests), lambda _: HttpClient(host, port, requests), on_window_start, on_window_end
+    )
+
+
+async def closed_loop(
+    plan: LoadPlan,
+    count: int,
+    open_client: Callable[[int], Client],
+    on_window_start: Hook | None = None,
+    on_window_end: Hook | None = None,
+) -> LevelResult:
+    """Run one closed-loop level with ``plan.concurrency`` clients made by ``open_client(i)``; client ``i``
+    sends request number ``(i + k) % count`` as its k-th. Besides the answers, the CPU time of this whole
+    process (all its threads) is taken over the window: what the load generator itself cost."""
     loop = asyncio.get_running_loop()
     window: dict[str, float] = {}
     records: list[tuple[float, float, str]] = []  # (finished, latency, outcome) of every request
+    successes: set[str] = set()
     first_error: list[str] = []
     started = 0
     hard_stop = loop.time() + plan.warmup_s + plan.duration_s + plan.request_timeout_s + 30.0
 
-    async def client(index: int) -> None:
+    async def run_client(index: int) -> None:
         nonlocal started
-        connection = Connection(host, port)
+        client = open_client(index)
         k = 0
         try:
             while "end" not in window and started < plan.max_requests and loop.time() < hard_stop:
-                request = requests[(index + k) % len(requests)]
+                which = (index + k) % count
                 k += 1
                 started += 1
                 t0 = time.perf_counter()
-                outcome: str
                 try:
-                    status, body = await asyncio.wait_for(connection.send(request), plan.request_timeout_s)
-                    outcome = str(status)
-                    if not 200 <= status < 300 and not first_error:
-                        first_error.append(f"HTTP {status}: {body[:300].decode('utf-8', 'replace')}")
-                except (
-                    OSError,
-                    asyncio.IncompleteReadError,
-                    asyncio.LimitOverrunError,
-                    TimeoutError,
-                    ValueError,
-                ) as exc:
-                    outcome = type(exc).__name__
-                    if not first_error:
-                        first_error.append(f"{outcome}: {exc}")
-                    await asyncio.sleep(0.05)  # a refused connection must not turn into a busy loop
+                    outcome = await asyncio.wait_for(client.send(which), plan.request_timeout_s)
+                except TimeoutError as exc:
+                    outcome = failed(exc)
                 finished = time.perf_counter()
-                records.append((finished, finished - t0, outcome))
+                records.append((finished, finished - t0, outcome.label))
+                if outcome.ok:
+                    successes.add(outcome.label)
+                elif outcome.error and not first_error:
+                    first_error.append(outcome.error)
+                if outcome.unreachable:
+                    await asyncio.sleep(0.05)  # a refused connection must not turn into a busy loop
                 if len(records) >= plan.concurrency:
                     warm.set()
         finally:
-            connection.close()
+            await client.close()
 
     warm = asyncio.Event()  # as many answers as clients: the closed loop has left its start-up burst
-    tasks = [asyncio.create_task(client(i)) for i in range(plan.concurrency)]
+    tasks = [asyncio.create_task(run_client(i)) for i in range(plan.concurrency)]
     try:
         await asyncio.sleep(plan.warmup_s)
         if plan.warmup_s > 0:
             await _wait_for_event(warm, tasks, plan.request_timeout_s)
         if on_window_start is not None:
             await on_window_start()
-        window["start"] = time.perf_counter()
+        window["start"], cpu_start = time.perf_counter(), time.process_time()
         await _sleep_unless_done(tasks, plan.duration_s)
-        end = time.perf_counter()
+        end, cpu_end = time.perf_counter(), time.process_time()
         if on_window_end is not None:
             await on_window_end()
         window["end"] = end
@@ -307,15 +368,17 @@ async def run_level(
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
-    start, end = window["start"], window["end"]
+    start = window["start"]
     latencies: list[float] = []
     statuses: dict[str, int] = {}
-    for finished, latency, outcome in records:
+    for finished, latency, label in records:
         if start <= finished < end:
-            statuses[outcome] = statuses.get(outcome, 0) + 1
-            if outcome.isdigit() and 200 <= int(outcome) < 300:
+            statuses[label] = statuses.get(label, 0) + 1
+            if label in successes:
                 latencies.append(latency)
-    return summarize(plan.concurrency, end - start, latencies, statuses, first_error[0] if first_error else None)
+    result = summarize(plan.concurrency, end - start, latencies, statuses, first_error[0] if first_error else None)
+    result.client_cpu_s = cpu_end - cpu_start
+    return result
 
 
 async def _wait_for_event(event: asyncio.Event, tasks: Sequence[asyncio.Task[None]], timeout_s: float) -> None:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from bench import servers
 from bench.images import load_images
-from bench.loadgen import LoadPlan, run_level
+from bench.loadgen import LoadPlan
 from bench.runner import BENCH_DIR
 from bench.workloads import WORKLOADS, export_workload, pick_workloads
-from stageformer.local import free_port
 
 
 def top_frames(collapsed: str, count: int = 25) -> list[tuple[str, float]]:
@@ -59,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     info, pixels = servers.model_inputs(onnx_path, images)
     system = servers.STANDARD[args.system]
     server = system.server
-    port = free_port()
+    ports = servers.ports_for([system])
+    port = ports.http
     batch_log = cache / "logs" / "profile-batches.txt"
-    argv_, health = servers.start_command(server, onnx_path, port, args.serve_arg, batch_log)
+    argv_, health = servers.start_command(server, onnx_path, port, args.serve_arg, batch_log, ports.grpc)
     process = servers.ServerProcess(server, argv_, port, health, cache / "logs" / "profile-server.log")
     process.start()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         record += ["--duration", str(int(args.seconds)), "--rate", "200", "--format", "raw", "--output", str(raw)]
         if args.native:
             record.append("--native")
-        requests = servers.requests_for(system, port, info.name, images, pixels)
+        load = servers.load_for(system, ports, info.name, images, pixels)
         plan = LoadPlan(args.concurrency, args.seconds + 2.0, warmup_s=1.0)
         spy = threading.Thread(target=lambda: subprocess.run(record, check=False, capture_output=True))
         spy.start()
-        level = asyncio.run(run_level(servers.HOST, port, requests, plan))
+        level = asyncio.run(load.run(plan))
         spy.join()
     finally:
         process.stop()

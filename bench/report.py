@@ -4,15 +4,24 @@ can be rewritten without measuring again (``python -m bench --report-only result
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.servers import LITSERVE, OURS_V1, OURS_V2, PLAIN, PLAIN_OWN
+from bench.grpc_load import describe_channels
+from bench.servers import LITSERVE, OURS_GRPC, OURS_V1, OURS_V2, PLAIN, PLAIN_OWN
 from bench.targets import Check, level, ratio, summary, targets
 
 __all__ = ["markdown", "plot_files", "targets", "write"]
 
-COLOURS = {OURS_V1: "tab:blue", OURS_V2: "tab:cyan", PLAIN_OWN: "tab:orange", PLAIN: "tab:red", LITSERVE: "tab:green"}
+COLOURS = {
+    OURS_V1: "tab:blue",
+    OURS_V2: "tab:cyan",
+    OURS_GRPC: "tab:purple",
+    PLAIN_OWN: "tab:orange",
+    PLAIN: "tab:red",
+    LITSERVE: "tab:green",
+}
 STATE = {True: "met", False: "missed", None: "not measured"}
 
 
@@ -97,11 +106,67 @@ def summary_section(results: dict[str, Any]) -> list[str]:
         "",
         *_table(header, rows, "lrrrrrrrr"),
         "",
+        *protocols_section(results),
         "## Targets",
         "",
     ]
     items = [[t["target"], t["measured"], STATE[t["met"]]] for t in targets(results)]
     return [*lines, *_table(["target", "measured", ""], items, "lll"), ""]
+
+
+def protocols_section(results: dict[str, Any]) -> list[str]:
+    """Our ``/v2`` over HTTP (binary tensors) against the same tensors over gRPC, per workload and level."""
+    rows, ratios = [], []
+    for name, data in results.get("workloads", {}).items():
+        doc = {"workloads": {name: data}}
+        for lv in data.get("serving", {}).get(OURS_V2, {}).get("levels", []):
+            c = lv["concurrency"]
+            grpc = level(doc, name, OURS_GRPC, c)
+            if grpc is None:
+                continue
+            speed = ratio(grpc["throughput"], lv["throughput"])
+            if speed is not None:
+                ratios.append(speed)
+            rows.append([name, str(c), *_side_by_side(lv, grpc, speed)])
+    if not rows:
+        return []
+    channels = _channels(results["meta"]["config"])
+    header = ["workload", "clients", "HTTP req/s", "gRPC req/s", "gRPC ÷ HTTP", "p50 ms HTTP / gRPC"]
+    header += ["p99 ms HTTP / gRPC", "server CPU ms/req HTTP / gRPC", "client CPU ms/req HTTP / gRPC"]
+    spread = f"{min(ratios):.2f}x to {max(ratios):.2f}x, geometric mean {_geomean(ratios):.2f}x" if ratios else "–"
+    return [
+        "### `/v2` tensors: HTTP against gRPC",
+        "",
+        f"The same decoded `uint8` tensors to the same server process, side by side: {OURS_V2} (binary tensor "
+        f"extension over HTTP/1.1, one keep-alive connection per client) and {OURS_GRPC} (`ModelInfer` with "
+        f"`raw_input_contents`, {channels}). gRPC's requests/s against HTTP's: {spread}. `client CPU` is the load "
+        "generator's own CPU time per request: one Python process for both, on the same cores as the server, so "
+        "what the client spends the server cannot.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
+def _side_by_side(http: dict[str, Any], grpc: dict[str, Any], speed: float | None) -> list[str]:
+    """The cells of one level: both throughputs, their ratio, and each latency and CPU figure as "HTTP / gRPC"."""
+
+    def pair(get: Callable[[dict[str, Any]], float | None], digits: int = 1) -> str:
+        return f"{_fmt(get(http), digits)} / {_fmt(get(grpc), digits)}"
+
+    return [
+        _fmt(http["throughput"]),
+        _fmt(grpc["throughput"]),
+        _fmt(speed, 2, "x"),
+        pair(lambda lv: lv["latency_ms"]["p50"]),
+        pair(lambda lv: lv["latency_ms"]["p99"]),
+        pair(lambda lv: lv.get("extra", {}).get("cpu_ms_per_request")),
+        pair(lambda lv: lv.get("extra", {}).get("client_cpu_ms_per_request"), 2),
+    ]
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def engine_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -274,14 +339,14 @@ def serving_intro(meta: dict[str, Any]) -> list[str]:
     lines = [
         "## Serving under load",
         "",
-        "A closed loop: each client holds one keep-alive connection and sends its next request when the answer "
-        f"to the last one has arrived. Each level is measured for {config['duration_s']:g} s per system in "
-        f"{config.get('rounds', 1)} windows: in each round every server in turn (in a rotating order) is started, "
-        "runs one window per level, and is stopped, so that a change in the machine's background load touches "
-        "every system alike and only one server holds memory at a time. Each window "
-        f"starts after {config['warmup_s']:g} s of warm-up and once every client has had an answer; a request "
-        "counts when it completes inside a window. Latency is the client's, from sending to the last byte of the "
-        "answer. The load generator runs on the same machine and cores as the servers.",
+        "A closed loop: each client holds one keep-alive connection (gRPC: a channel) and sends its next request "
+        "when the answer to the last one has arrived. Each level is measured for "
+        f"{config['duration_s']:g} s per system in {config.get('rounds', 1)} windows: in each round every server "
+        "in turn (in a rotating order) is started, runs one window per level, and is stopped, so that a change in "
+        "the machine's background load touches every system alike and only one server holds memory at a time. "
+        f"Each window starts after {config['warmup_s']:g} s of warm-up and once every client has had an answer; a "
+        "request counts when it completes inside a window. Latency is the client's, from sending to the last byte "
+        "of the answer. The load generator runs on the same machine and cores as the servers.",
         "",
         f"Images: {len(images['names'])} {images['source']} as JPEG files (mean {images['mean_bytes'] / 1000:.0f} kB; "
         f"{', '.join('x'.join(map(str, s)) for s in images['sizes'])}), sent in turn.",
@@ -291,6 +356,11 @@ def serving_intro(meta: dict[str, Any]) -> list[str]:
         "top-5 in the server).",
         f"- **{OURS_V2}**: the same server, Open Inference Protocol with binary tensors: pixels the client decoded "
         "and preprocessed beforehand, as a KServe/Triton client sends them (no decoding in the server).",
+        f"- **{OURS_GRPC}**: the same server process and the same tensors through gRPC (`inference."
+        "GRPCInferenceService/ModelInfer`, Triton's protocol, on the server's `--grpc-port`) with the pixels in "
+        "`raw_input_contents` and the top 5 asked for with the classification parameter; each distinct request "
+        f"serialized once beforehand and sent with `grpc.aio`, {_channels(config)}. Servers whose systems do not "
+        "use gRPC start with `--grpc-port 0`.",
         f"- **{PLAIN_OWN}**: `bench/peers/fastapi_own_decode.py`, what a competent engineer writes in twenty lines: "
         "a plain `def` endpoint with `UploadFile` (FastAPI's thread pool), its own Pillow decoding (`draft()` to the "
         "resize target, `convert('RGB')`, resize of the short side, centre crop, the model's sizes and filter), one "
@@ -312,6 +382,10 @@ def serving_intro(meta: dict[str, Any]) -> list[str]:
     if config.get("serve_args"):
         lines += [f"Server flags: `{' '.join(config['serve_args'])}`.", ""]
     return lines
+
+
+def _channels(config: dict[str, Any]) -> str:
+    return describe_channels(config.get("grpc_channels", 0))
 
 
 def threads_section(data: dict[str, Any] | None) -> list[str]:

@@ -18,10 +18,9 @@ from typing import Any
 
 from bench import decoding, engine, machine, servers
 from bench.images import ImageSet, load_images, load_mosaics
-from bench.loadgen import LevelResult, LoadPlan, merge, run_level
+from bench.loadgen import LevelResult, LoadPlan, merge
 from bench.servers import System
 from bench.workloads import PARTS, THREAD_VARIANTS, THREAD_WORKLOADS, Workload, export_workload, pick_workloads
-from stageformer.local import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ class BenchConfig:
     decode_oversample: float = 2.0  # as the server's --decode-oversample default
     serve_args: tuple[str, ...] = ()  # extra `stageformer serve` flags, for every start of our server
     litserve_batch_timeout_ms: float = 2.0
+    grpc_channels: int = 0  # gRPC channels the clients share; 0: one per client
     thread_workloads: tuple[str, ...] = THREAD_WORKLOADS
     thread_variants: tuple[str, ...] = THREAD_VARIANTS
     thread_concurrency: tuple[int, ...] = (1, 16)
@@ -97,6 +97,8 @@ class BenchConfig:
             raise ValueError("duration and budget must be > 0, warm-up >= 0, images and rounds >= 1")
         if self.mosaics < 0 or self.calibration_images < 1 or self.thread_duration_s <= 0:
             raise ValueError("mosaics must be >= 0, calibration images >= 1 and the threads' duration > 0")
+        if self.grpc_channels < 0:
+            raise ValueError("gRPC channels must be >= 0 (0: one per client)")
         for spec in self.thread_variants:
             variant_flags(spec)
         pick_workloads(list(self.workloads))  # unknown names fail here, before anything runs
@@ -287,9 +289,11 @@ class Run:
         tag = tag.strip("-") + ("-" + first.model.stem if first.model else "")
         batch_log = logs / f"{tag}-batches.txt"
         batch_log.write_text("")
-        port = free_port()
+        ports = servers.ports_for(mine)
+        port = ports.http
         flags = [*config.serve_args, *first.serve_args]
-        argv, health = servers.start_command(first.server, first.model or onnx_path, port, flags, batch_log)
+        model_file = first.model or onnx_path
+        argv, health = servers.start_command(first.server, model_file, port, flags, batch_log, ports.grpc)
         if first.server == "litserve":
             argv += ["--batch-timeout-ms", str(config.litserve_batch_timeout_ms)]
         process = servers.ServerProcess(first.server, argv, port, health, logs / f"{tag}.log")
@@ -297,16 +301,17 @@ class Run:
         found = servers.model_parameters(port, model) if first.server == "stageformer" else {}
         chosen = f", batch size {found['max_batch_size']}" if "max_batch_size" in found else ""
         names = ", ".join(s.name for s in mine)
-        self.progress(f"{workload.name}: round {round_ + 1}, {names} ready on port {port} in {seconds:.1f} s{chosen}")
+        where = f"port {port}" + (f" (gRPC {ports.grpc})" if ports.grpc else "")
+        self.progress(f"{workload.name}: round {round_ + 1}, {names} ready on {where} in {seconds:.1f} s{chosen}")
         try:
-            requests = {s.name: servers.requests_for(s, port, model, images, pixels) for s in mine}
+            loads = {s.name: servers.load_for(s, ports, model, images, pixels, config.grpc_channels) for s in mine}
             for level_concurrency in concurrency:
                 for system in mine:
                     counters = servers.Counters(first.server, port, model, batch_log, process.pid)
                     plan = LoadPlan(
                         level_concurrency, window_s, config.warmup_s, config.max_requests, config.request_timeout_s
                     )
-                    level = asyncio.run(run_level(servers.HOST, port, requests[system.name], plan, *counters.hooks()))
+                    level = asyncio.run(loads[system.name].run(plan, *counters.hooks()))
                     level.extra = counters.totals()
                     windows[(system.name, level_concurrency)].append(level)
                     if process.process is not None and process.process.poll() is not None:
@@ -334,6 +339,8 @@ class Run:
             level.extra["inference_busy"] = level.extra["inference_s"] / level.seconds
         if "cpu_s" in level.extra and level.ok:
             level.extra["cpu_ms_per_request"] = level.extra["cpu_s"] * 1000.0 / level.ok
+        if level.client_cpu_s is not None and level.ok:
+            level.extra["client_cpu_ms_per_request"] = level.client_cpu_s * 1000.0 / level.ok
         return level
 
     def _tagged(self, tag: str, message: str) -> None:

@@ -3,6 +3,8 @@
 - ``stageformer /v1``: ``stageformer serve MODEL.onnx``, JPEG files as multipart ``file`` parts;
 - ``stageformer /v2``: the same process, Open Inference Protocol with binary tensors (pixels decoded
   and preprocessed by the client beforehand, as a KServe/Triton client would send them);
+- ``stageformer gRPC``: the same process and the same tensors through gRPC ``ModelInfer`` with raw contents, on
+  the server's ``--grpc-port`` (a free port; servers whose systems do not use gRPC start with ``--grpc-port 0``);
 - ``plain FastAPI (own decode)``, ``plain FastAPI`` and ``LitServe``: the peers in ``bench.peers``, the same
   JPEG files as ``/v1``.
 
@@ -16,6 +18,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.grpc_load import GrpcRequest, run_grpc_level
 from bench.images import ImageSet
-from bench.loadgen import Request, get, multipart_request
+from bench.loadgen import Hook, LevelResult, LoadPlan, Request, get, multipart_request, run_level
 from stageformer.local import NotReadyError, wait_until_ready
 
 if TYPE_CHECKING:
@@ -38,10 +42,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 OURS_V1 = "stageformer /v1"
 OURS_V2 = "stageformer /v2"
+OURS_GRPC = "stageformer gRPC"
 PLAIN_OWN = "plain FastAPI (own decode)"
 PLAIN = "plain FastAPI"
 LITSERVE = "LitServe"
-SYSTEMS = (OURS_V1, OURS_V2, PLAIN_OWN, PLAIN, LITSERVE)
+SYSTEMS = (OURS_V1, OURS_V2, OURS_GRPC, PLAIN_OWN, PLAIN, LITSERVE)
 
 UNBATCHED = ("plain", "plain-own")  # server kinds that run one request per inference call
 
@@ -50,12 +55,13 @@ UNBATCHED = ("plain", "plain-own")  # server kinds that run one request per infe
 class System:
     """One way of serving a workload that the load generator measures: which server process (``server``,
     with ``serve_args`` and, where it is not the workload's own file, ``model``) and which route
-    (``v1``: multipart JPEG, ``v2``: binary tensors, ``predict``: a peer's multipart JPEG route).
+    (``v1``: multipart JPEG, ``v2``: binary tensors, ``grpc``: the same tensors through gRPC ModelInfer,
+    ``predict``: a peer's multipart JPEG route).
     Systems with the same ``process`` share one server process."""
 
     name: str
     server: str  # "stageformer", "plain", "plain-own" or "litserve"
-    route: str  # "v1", "v2" or "predict"
+    route: str  # "v1", "v2", "grpc" or "predict"
     serve_args: tuple[str, ...] = ()
     model: Path | None = None
 
@@ -72,6 +78,7 @@ class System:
 STANDARD = {
     OURS_V1: System(OURS_V1, "stageformer", "v1"),
     OURS_V2: System(OURS_V2, "stageformer", "v2"),
+    OURS_GRPC: System(OURS_GRPC, "stageformer", "grpc"),
     PLAIN_OWN: System(PLAIN_OWN, "plain-own", "predict"),
     PLAIN: System(PLAIN, "plain", "predict"),
     LITSERVE: System(LITSERVE, "litserve", "predict"),
@@ -159,12 +166,15 @@ class ServerProcess:
             return "(no log)"
 
 
-def start_command(server: str, model: Path, port: int, serve_args: list[str], batch_log: Path) -> tuple[list[str], str]:
-    """(argv, health path) of one server kind."""
+def start_command(
+    server: str, model: Path, port: int, serve_args: list[str], batch_log: Path, grpc_port: int = 0
+) -> tuple[list[str], str]:
+    """(argv, health path) of one server kind. Our server listens for gRPC on ``grpc_port`` (0: not at all), which
+    comes after ``serve_args`` so that the bench knows where."""
     python = sys.executable
     if server == "stageformer":
         argv = [python, "-m", "stageformer", "serve", str(model), "--host", HOST, "--port", str(port)]
-        return [*argv, "--log-level", "warning", *serve_args], "/v2/health/ready"
+        return [*argv, "--log-level", "warning", *serve_args, "--grpc-port", str(grpc_port)], "/v2/health/ready"
     if server in ("plain", "plain-own"):
         module = {"plain": "bench.peers.plain_fastapi", "plain-own": "bench.peers.fastapi_own_decode"}[server]
         return [python, "-m", module, str(model), "--host", HOST, "--port", str(port)], "/health"
@@ -210,13 +220,94 @@ def model_inputs(onnx_path: Path, images: ImageSet) -> tuple[ModelInfo, list[np.
 
 
 def requests_for(system: System, port: int, model: str, images: ImageSet, pixels: list[np.ndarray]) -> list[Request]:
-    """The requests one system gets: the JPEG files (multipart) or, for ``/v2``, the decoded pixels."""
+    """The HTTP requests one system gets: the JPEG files (multipart) or, for ``/v2``, the decoded pixels."""
+    if system.route == "grpc":
+        raise ValueError(f"{system.name} is served over gRPC; see load_for")
     if system.route == "v2":
         return [v2_request(port, model, p) for p in pixels]
     path = f"/v1/models/{model}/classify" if system.route == "v1" else "/predict"
     return [
         multipart_request(HOST, port, path, n, j, "image/jpeg") for n, j in zip(images.names, images.jpegs, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class HttpLoad:
+    """A system's clients over HTTP/1.1: its prepared requests and its port."""
+
+    port: int
+    requests: list[Request]
+
+    async def run(
+        self, plan: LoadPlan, on_window_start: Hook | None = None, on_window_end: Hook | None = None
+    ) -> LevelResult:
+        return await run_level(HOST, self.port, self.requests, plan, on_window_start, on_window_end)
+
+
+@dataclass(frozen=True)
+class GrpcLoad:
+    """A system's clients over gRPC: its prepared ModelInfer requests, the server's gRPC port and the channels
+    (0: one per client)."""
+
+    port: int
+    requests: list[GrpcRequest]
+    channels: int = 0
+
+    async def run(
+        self, plan: LoadPlan, on_window_start: Hook | None = None, on_window_end: Hook | None = None
+    ) -> LevelResult:
+        return await run_grpc_level(
+            HOST, self.port, self.requests, plan, on_window_start, on_window_end, channels=self.channels
+        )
+
+
+Load = HttpLoad | GrpcLoad
+
+
+def load_for(
+    system: System,
+    ports: Ports,
+    model: str,
+    images: ImageSet,
+    pixels: list[np.ndarray],
+    grpc_channels: int = 0,
+) -> Load:
+    """What one system's clients send, and where: gRPC ModelInfer with the decoded pixels for ``grpc``, else the
+    HTTP requests of ``requests_for``."""
+    if system.route == "grpc":
+        if not ports.grpc:
+            raise ValueError(f"{system.name} needs a server started with a gRPC port")
+        return GrpcLoad(ports.grpc, [GrpcRequest.infer(model, p) for p in pixels], grpc_channels)
+    return HttpLoad(ports.http, requests_for(system, ports.http, model, images, pixels))
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where one server process listens: HTTP, and gRPC (0: not at all)."""
+
+    http: int
+    grpc: int = 0
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports nobody listens on right now, all held open at once while they are found so
+    that no two are the same (another process may still take one before the server does)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def ports_for(systems: list[System]) -> Ports:
+    """Free ports for the server process of ``systems``: a gRPC port only where one of them uses gRPC."""
+    if any(s.route == "grpc" for s in systems):
+        http, grpc = free_ports(2)
+        return Ports(http, grpc)
+    return Ports(free_ports(1)[0])
 
 
 def model_parameters(port: int, model: str) -> dict[str, Any]:

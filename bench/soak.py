@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         port = free_port()
         command = [sys.executable, "-m", "stageformer", "serve", *args.models, "--port", str(port),
-                   "--log-level", "warning", *args.serve_args]  # fmt: skip
+                   "--log-level", "warning", "--grpc-port", "0", *args.serve_args]  # fmt: skip
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         pid = process.pid
     try:

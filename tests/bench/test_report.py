@@ -53,6 +53,7 @@ def results(pool16: float = 90.0, cifar64: float = 300.0, lit: float = 0.8, int8
         {
             servers.OURS_V1: [level(1, 30, 40, 1.0, p50=33), level(16, pool16, 200, 12.0), level(64, 92, 700, 14.0)],
             servers.OURS_V2: [level(1, 35, 35, 1.0), level(16, 95, 190, 13.0), level(64, 95, 650, 14.0)],
+            servers.OURS_GRPC: [level(1, 28, 45, 1.0), level(16, 114, 180, 13.0), level(64, 76, 700, 14.0)],
             servers.PLAIN_OWN: [level(1, 30, 50, p50=31), level(16, 80, 900), level(64, 85, 3000)],
             servers.PLAIN: [level(1, 25, 50), level(16, 40, 900), level(64, 40, 3000)],
             servers.LITSERVE: [level(1, 30 * lit, 60), level(16, pool16 * lit, 250, 8.0), level(64, 92 * lit, 800)],
@@ -172,10 +173,30 @@ def test_report_and_plots(tmp_path: Path) -> None:
     assert "## Threads" in text and "| threads 1 (`--threads 1`) | 15.0 |" in text
     assert "most requests/s at 16 clients: threads 1 (27.0; defaults 25.0)" in text
     assert "## int8" in text and "| int8 / fp32 | 1.44x | 1.33x |" in text
+    assert "### `/v2` tensors: HTTP against gRPC" in text and f"| {servers.OURS_GRPC} | 16 | 114.0 |" in text
     for name in ("serving-poolformer_s12-224.png", "serving-xformers_cifar_metaformer-32.png", "engines.png"):
         assert f"]({name})" in text
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 400
+
+
+def test_protocols_table() -> None:
+    data = results()
+    serving = data["workloads"]["poolformer_s12@224"]["serving"]
+    serving[servers.OURS_V2]["levels"][1]["extra"] = {"cpu_ms_per_request": 30.0, "client_cpu_ms_per_request": 0.1}
+    serving[servers.OURS_GRPC]["levels"][1]["extra"] = {"cpu_ms_per_request": 31.5, "client_cpu_ms_per_request": 0.3}
+    lines = report.protocols_section(data)
+    text = "\n".join(lines)
+    assert "one channel (one HTTP/2 connection) per client" in text
+    assert "0.80x to 1.20x, geometric mean 0.92x" in text  # 28/35, 114/95, 76/95
+    row = next(line for line in lines if line.startswith("| poolformer_s12@224 | 16 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["95.0", "114.0", "1.20x", "1.0 / 1.0", "190.0 / 180.0", "30.0 / 31.5", "0.10 / 0.30"]
+    assert not any(line.startswith("| xformers") for line in lines)  # no gRPC row there: no comparison
+    data["meta"]["config"]["grpc_channels"] = 2
+    assert "2 shared channel(s)" in "\n".join(report.protocols_section(data))
+    del serving[servers.OURS_GRPC]
+    assert report.protocols_section(data) == []
 
 
 def test_parse_metrics_and_batch_deltas(tmp_path: Path) -> None:

@@ -82,14 +82,25 @@ def test_decoding_figures(run: tuple[Path, dict[str, Any]]) -> None:
     assert big["vs_exact"]["fast"]["psnr_min_db"] > 30 and big["vs_exact"]["fast"]["max_abs"] < 64
 
 
-@pytest.mark.parametrize("system", [servers.OURS_V1, servers.OURS_V2, servers.PLAIN_OWN, servers.PLAIN])
+@pytest.mark.parametrize(
+    "system", [servers.OURS_V1, servers.OURS_V2, servers.OURS_GRPC, servers.PLAIN_OWN, servers.PLAIN]
+)
 def test_served_without_errors(run: tuple[Path, dict[str, Any]], system: str) -> None:
     _, results = run
     for level in _levels(results, system):
         assert level["ok"] > 0 and level["errors"] == 0, level
         assert 0 < level["latency_ms"]["p50"] <= level["latency_ms"]["p99"]
         assert level["mean_batch"] is not None and level["mean_batch"] >= 1.0
-        assert level["extra"]["cpu_ms_per_request"] > 0
+        assert level["extra"]["cpu_ms_per_request"] > 0 and level["extra"]["client_cpu_ms_per_request"] > 0
+
+
+def test_grpc_beside_http(run: tuple[Path, dict[str, Any]]) -> None:
+    folder, results = run
+    served = results["workloads"]["tiny@32"]["serving"]
+    assert served[servers.OURS_GRPC]["levels"][0]["statuses"].keys() == {"OK"}
+    assert served[servers.OURS_GRPC]["server"] == served[servers.OURS_V2]["server"]  # one process, one start each
+    text = (folder / "report.md").read_text()
+    assert "### `/v2` tensors: HTTP against gRPC" in text and f"| {servers.OURS_GRPC} | 3 |" in text
 
 
 def test_litserve_peer(run: tuple[Path, dict[str, Any]]) -> None:
