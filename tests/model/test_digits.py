@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from export.digits_demo import SAMPLES_JS, samples, samples_script
 from model.data import DIGITS_DRAWN, DIGITS_HANDWRITTEN_REPEAT, DIGITS_TYPED_REPEAT, load_data
 from model.digits import (
     CANVAS,
@@ -31,7 +32,6 @@ from model.digits import (
     has_digits,
     type_digit,
 )
-from model.digits_demo import SAMPLES_JS, samples, samples_script
 from model.digits_eval import HELD_OUT_HAND, SERVER_OVERSAMPLE, drawn_cases, photo_cases, typed_cases
 from model.digits_study import FramingNorm, PolarityNorm
 from model.presets import get_preset
@@ -246,7 +246,7 @@ def test_the_page_samples_are_the_ones_the_generator_makes() -> None:
     made = samples()
     assert [(e["name"], e["type"], e["description"], e["label"]) for e in entries] == [
         (s.name, s.type, s.description, str(s.label)) for s in made
-    ], "run `python -m model.digits_demo samples`"
+    ], "run `python -m export.digits_demo samples`"
     for entry, sample in zip(entries, made, strict=True):  # the same pictures, whatever the codec's version
         shipped = np.asarray(Image.open(io.BytesIO(base64.b64decode(entry["data"]))).convert("RGB"), dtype=float)
         fresh = np.asarray(Image.open(io.BytesIO(sample.data)).convert("RGB"), dtype=float)

@@ -20,9 +20,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from export import read_onnx_metadata
+from export.digits_demo import ACCURACY_KEY, COUNTS_KEY, FONTS_KEY, onnx_accuracy
 from model import get_preset, load_checkpoint
 from model.data import load_digits
-from model.digits_demo import ACCURACY_KEY, COUNTS_KEY, FONTS_KEY, onnx_accuracy
 from model.digits_eval import SOURCES, Case, held_out_cases
 from stageformer.core.preprocess import normalize, preprocess, stack
 

@@ -232,9 +232,9 @@ def metric(text: str, name: str, **labels: str) -> float:
 def server_process(*args: str, **env: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """``stageformer serve ARGS`` on a free port, ready; killed at the end if still running."""
     port = free_port()
+    grpc = [] if "--grpc-port" in args else ["--grpc-port", "0"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "stageformer", "serve", *args, "--port", str(port),
-         *([] if "--grpc-port" in args else ["--grpc-port", "0"])],  # fmt: skip
+        [sys.executable, "-m", "stageformer", "serve", *args, "--port", str(port), *grpc],
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,

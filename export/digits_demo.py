@@ -6,7 +6,7 @@ The whole recipe (README, "The demo model")::
 
     apt-get install <the packages of model.digits.TRAIN_FONTS and HELD_OUT_FONTS>
     stageformer train --preset digits --data digits --out runs/digits
-    python -m model.digits_demo finish runs/digits/last.safetensors --out runs/digits --ship
+    python -m export.digits_demo finish runs/digits/last.safetensors --out runs/digits --ship
 
 ``finish`` writes ``digits.safetensors`` and ``digits.onnx`` to ``--out`` (and, with ``--ship``, to
 ``service/demo/``). Their metadata key ``held_out_accuracy`` holds the fraction right per held-out
@@ -29,11 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stageformer.core.preprocess import PreprocessConfig
-
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .digits import HELD_OUT_FONTS, TRAIN_FONTS, font_files
-from .digits_eval import (
+from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from model.digits import HELD_OUT_FONTS, TRAIN_FONTS, font_files
+from model.digits_eval import (
     HELD_OUT_HAND,
     SOURCES,
     Case,
@@ -44,6 +42,7 @@ from .digits_eval import (
     predictions,
     typed_case,
 )
+from stageformer.core.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +153,8 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
 def samples(seed: int = 5) -> list[Sample]:
     """Three pictures unlike one another, none from training: a handwritten 4 photographed on paper,
     a 5 typed in a held-out font, light on dark, and a 2 drawn on a canvas."""
-    from .digits import draw_digit
-    from .digits_eval import PHOTO_PEN
+    from model.digits import draw_digit
+    from model.digits_eval import PHOTO_PEN
 
     rng = np.random.default_rng(seed)
     ink = draw_digit(4, rng, {4: HELD_OUT_HAND[4][1:2]}, PHOTO_PEN, size=160)
@@ -179,14 +178,15 @@ def samples_script(items: Sequence[Sample]) -> str:
     ]  # fmt: skip
     body = json.dumps(entries, indent=2)
     return (
-        "// Sample pictures built into the page, for a first click; written by `python -m model.digits_demo samples`.\n"
+        "// Sample pictures built into the page, for a first click;\n"
+        "// written by `python -m export.digits_demo samples`.\n"
         '"use strict";\n'
         f"window.STAGEFORMER_SAMPLES = {body};\n"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.digits_demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.digits_demo", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     done = commands.add_parser("finish", help="judge, export and (with --ship) install a trained checkpoint")
     done.add_argument("checkpoint", type=Path, help="the run's last.safetensors")
