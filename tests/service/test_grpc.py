@@ -24,6 +24,7 @@ from stageformer.local import free_port
 from .harness import GatedRun, LiveServer, live_server, metric, request, server_process, slow_model, wait_until
 
 KEY = {"authorization": "Bearer s3cret"}
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"  # the route label of its metrics
 
 
 def pixels(n: int, seed: int = 0) -> np.ndarray:
@@ -162,7 +163,7 @@ def test_full_queue_is_unavailable_and_a_timeout_is_deadline_exceeded(tiny_onnx:
         gated.gate.set()
         assert set(outcomes) == {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}, outcomes
         text = request(live.port, "GET", "/metrics").body.decode()
-        assert metric(text, "stageformer_requests_total", route="/inference.GRPCInferenceService/ModelInfer",
+        assert metric(text, "stageformer_requests_total", route=MODEL_INFER,
                       status="UNAVAILABLE") >= 1  # fmt: skip
 
 
@@ -182,7 +183,7 @@ def test_the_api_key_guards_grpc_too(tiny_onnx: Path) -> None:
 
 
 def test_sigterm_drains_grpc_calls_in_flight(tmp_path: Path) -> None:
-    slow = slow_model(tmp_path / "slow.onnx")
+    slow = slow_model(tmp_path / "slow.onnx", steps=1200)  # slow enough that the eight calls are queued together
     grpc_port = free_port()
     args = (str(slow), "--max-batch-size", "1", "--max-queue-delay-ms", "0", "--grpc-port", str(grpc_port))
     with server_process(*args) as (port, process):
@@ -194,8 +195,14 @@ def test_sigterm_drains_grpc_calls_in_flight(tmp_path: Path) -> None:
 
         with ThreadPoolExecutor(8) as pool:
             calls = [pool.submit(one, i) for i in range(8)]
-            wait_until(lambda: metric(request(port, "GET", "/metrics").body.decode(), "stageformer_queue_depth",
-                                      model="slow") >= 3, 30, "calls to queue")  # fmt: skip
+
+            def all_admitted() -> bool:  # one in the model, the others queued or answered
+                text = request(port, "GET", "/metrics").body.decode()
+                queued = metric(text, "stageformer_queue_depth", model="slow")
+                done = metric(text, "stageformer_requests_total", route=MODEL_INFER, method="GRPC", status="OK")
+                return queued >= 1 and queued + done >= 7
+
+            wait_until(all_admitted, 30, "all eight calls to be admitted")
             process.send_signal(signal.SIGTERM)
             time.sleep(0.2)
             with grpcclient.InferenceServerClient(address) as late, pytest.raises(InferenceServerException) as refused:
