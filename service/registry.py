@@ -122,7 +122,7 @@ def load_model(path: Path, settings: Settings, metrics: Metrics, decode_pool: Ex
         path,
         device=settings.device,
         instances=settings.instances,
-        threads=settings.inference_threads(),
+        threads=settings.threads,
         trt_cache_dir=settings.trt_cache_dir,
         name=name,
     )
