@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +44,7 @@ from .data import Collate, EpochSampler, ImageDataset, load_data
 from .digits_eval import Case, accuracy_by_source, held_out_cases, predictions
 from .hierarchical import Classifier
 from .presets import get_preset
+from .train import build_optimizer, learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,6 @@ VARIANTS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup, then cosine decay to 1% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_variant(name: str, args: argparse.Namespace, config: PreprocessConfig) -> nn.Module:
     """The preset with the variant's module in front, trained on the digits; returned in eval mode."""
     torch.manual_seed(args.seed)
@@ -129,12 +121,8 @@ def train_variant(name: str, args: argparse.Namespace, config: PreprocessConfig)
     loader = DataLoader(
         data, args.batch_size, sampler=sampler, num_workers=1, collate_fn=Collate(config), persistent_workers=True
     )
-    # As model.train does: no weight decay on biases, norms, scales and position embeddings.
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and ".pos." not in n]
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or ".pos." in n]
     recipe = RECIPES["digits"]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = build_optimizer(model, recipe)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     total, warmup, step = args.epochs * len(loader), round(recipe.warmup_epochs * len(loader)), 0
     for epoch in range(args.epochs):
@@ -143,7 +131,7 @@ def train_variant(name: str, args: argparse.Namespace, config: PreprocessConfig)
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
         for images, labels in loader:
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(step, total, warmup, args.lr)
+                group["lr"] = learning_rate(step, total, warmup, args.lr)
             loss = criterion(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
