@@ -118,14 +118,8 @@ def load_model(path: Path, settings: Settings, metrics: Metrics, decode_pool: Ex
     put behind its own batcher. A Triton-style ``NAME/1/model.onnx`` is called NAME."""
     started = time.perf_counter()
     name = path.parent.parent.name if path.name == "model.onnx" and path.parent.name.isdigit() else None
-    runtime = OnnxModel(
-        path,
-        device=settings.device,
-        instances=settings.instances,
-        threads=settings.threads,
-        trt_cache_dir=settings.trt_cache_dir,
-        name=name,
-    )
+    runtime = OnnxModel(path, device=settings.device, instances=settings.instances, threads=settings.threads,
+                        trt_cache_dir=settings.trt_cache_dir, name=name)  # fmt: skip
     if settings.max_batch_size == "auto":
         throughput = runtime.measure_batch_sizes(settings.auto_batch_limit, settings.auto_batch_budget_s)
         size = choose_batch_size(throughput)
