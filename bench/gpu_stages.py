@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -92,15 +91,10 @@ def gpu_memory_mib() -> float | None:
 
 
 def timed(fn: Callable[[], object], seconds: float = 2.0) -> float:
-    """Median seconds of one call, after a warm-up call."""
-    fn()
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < 3 or time.perf_counter() < deadline:
-        tick = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
+    """Median seconds of one call, after a warm-up call: at least three calls, and more for ``seconds``."""
+    from bench.engine import measure
+
+    return measure(fn, 1, seconds, min_calls=3).ms_per_call / 1000.0
 
 
 def inputs(model: OnnxModel, count: int) -> np.ndarray:
