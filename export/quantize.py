@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from stageformer.core.formats import INPUT_NAME
+from stageformer.core.scores import softmax
 
 from .calibration import CalibrationImages
 from .options import CALIBRATION_BATCH_SIZE
@@ -157,12 +158,6 @@ class Agreement:
     max_abs_logit_diff: float
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return np.asarray(e / e.sum(axis=-1, keepdims=True))
-
-
 def agreement(got: np.ndarray, expected: np.ndarray) -> Agreement:
     """Compare two ``[N, num_classes]`` logit arrays; non-finite logits count as disagreeing everywhere."""
     if got.shape != expected.shape:
@@ -170,7 +165,7 @@ def agreement(got: np.ndarray, expected: np.ndarray) -> Agreement:
     if not np.all(np.isfinite(got)):
         return Agreement(len(got), 0.0, math.inf, math.inf, math.inf)
     same = got.argmax(axis=-1) == expected.argmax(axis=-1)
-    dp = np.abs(_softmax(got) - _softmax(expected))
+    dp = np.abs(softmax(got) - softmax(expected))
     return Agreement(
         images=len(got),
         top1_agreement=float(same.mean()),

@@ -8,19 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stageformer.core.scores import softmax
+
 
 @dataclass(frozen=True)
 class Prediction:
     label: str
     index: int
     score: float  # softmax probability
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities along the last axis, in float64 (stable for large logits)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return np.asarray(e / e.sum(axis=-1, keepdims=True))
 
 
 def top_k(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[Prediction]]:
