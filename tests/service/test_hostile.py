@@ -212,6 +212,7 @@ def test_liveness_answers_quickly_while_a_huge_json_body_is_decoded(tiny_onnx: P
     values = np.random.default_rng(0).integers(0, 256, 1200 * 3072).tolist()
     body = json.dumps({"inputs": [{"name": "image", "shape": [1200, 32, 32, 3], "datatype": "UINT8", "data": values}]})
     assert len(body) > 14_000_000
+    payload = body.encode()  # once, before probing: encoding holds this process's GIL, which the probe needs too
     with live_server(models=[str(tiny_onnx)], max_body_bytes=32 * 1024 * 1024, max_images=256) as live:
         done = threading.Event()
         worst: list[float] = []
@@ -219,14 +220,14 @@ def test_liveness_answers_quickly_while_a_huge_json_body_is_decoded(tiny_onnx: P
         def probe() -> None:
             while not done.is_set():
                 worst.append(request(live.port, "GET", "/v2/health/live").seconds)
-                time.sleep(0.01)
+                time.sleep(0.002)  # often enough that two bodies give the 20 answers asked for below
 
         prober = threading.Thread(target=probe)
         prober.start()
         try:
             # At least two bodies, and more until the probe has sampled enough: a fast machine decodes one quickly.
             for sent in range(1, 11):
-                reply = request(live.port, "POST", "/v2/models/tiny/infer", body.encode(),
+                reply = request(live.port, "POST", "/v2/models/tiny/infer", payload,
                                 {"content-type": "application/json"})  # fmt: skip
                 assert reply.status == 413 and b"at most 256" in reply.body, reply.body[:300]
                 if sent >= 2 and len(worst) >= 20:
