@@ -19,11 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bench.workloads import Workload, export_workload
+
+if TYPE_CHECKING:
+    from service.runtime import OnnxModel
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +167,14 @@ def limit(
     budget_s: float = 2.0,
     progress: Callable[[str], None] = logger.info,
 ) -> dict[str, Any]:
-    """ONNX Runtime on decoded pixels at each batch size, two ways: through the server's own runtime
-    (``OnnxModel``: its session options, provider, GPU buckets and IO binding) and as a session with
-    ONNX Runtime's default options; the faster of the two counts. ``best`` is the highest images/s.
-    One session at a time, batch sizes ascending: a session's memory arena keeps its largest batch."""
+    """ONNX Runtime on decoded pixels at each batch size, three ways on CPU: through the server's own runtime
+    (``OnnxModel``: its session options, provider, GPU buckets and IO binding), as single-thread sessions
+    side by side, one per core (the server's lanes under load), and as a session with ONNX Runtime's default
+    options; the fastest counts. ``best`` is the highest images/s. One session at a time, batch sizes
+    ascending: a session's memory arena keeps its largest batch."""
     import gc
 
+    from service.registry import cpu_count
     from service.runtime import OnnxModel
 
     ways: dict[str, dict[int, Timing]] = {}
@@ -178,6 +183,9 @@ def limit(
     ways["server runtime"] = {
         b: measure(functools.partial(runtime.run, random_pixels(b, image_size)), b, budget_s) for b in batch_sizes
     }
+    if not runtime.on_gpu and cpu_count() > 1:
+        runtime.add_lanes(cpu_count(), 1)
+        ways["sessions side by side"] = {b: _side_by_side(runtime, b, budget_s) for b in batch_sizes}
     del runtime
     gc.collect()
     default = _ort_runner(onnx_path, provider) or _ort_runner(onnx_path, "CPUExecutionProvider")
@@ -207,6 +215,13 @@ def limit(
         "best_batch": best,
         "images_per_s": per_batch[best]["images_per_s"],
     }
+
+
+def _side_by_side(runtime: OnnxModel, batch: int, budget_s: float) -> Timing:
+    """``measure``'s figure for the runtime's lanes run at once (the median of three stretches); its ms per
+    call is per batch of the lanes together."""
+    rate = statistics.median(runtime.lanes_rate(batch, budget_s / 3) for _ in range(3))
+    return Timing(rate, 1000.0 * batch / rate, 3)
 
 
 def combine_limits(rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -266,11 +266,22 @@ def _batch_line(data: dict[str, Any]) -> str:
         if len(set(per_start)) == 1
         else f"at its starts: {', '.join(map(str, per_start))}"
     )
-    return (
+    line = (
         f"- batch size (`--max-batch-size auto`): our server chose {batch['chosen']} {starts} (its start-up "
         f"measurement, images/s by batch size: {own}); in-process here: {_fmt(batch.get('limit_at_chosen'))} images/s "
         f"at batch {batch['chosen']}, {_fmt(batch.get('limit_at_1'))} at batch 1"
     )
+    lanes = batch.get("lanes_per_start", [])
+    if not lanes:
+        return line
+    rates = batch.get("server_lane_images_per_s", {})
+    measured = (
+        f" (its start-up measurement at the chosen batch size: full session {_fmt(rates.get('full_session'))}, lanes "
+        f"side by side {_fmt(rates.get('lanes'))} images/s)"
+        if rates
+        else ""
+    )
+    return f"{line}\n- lanes (`--lanes auto`): {', '.join(map(str, lanes))} at its starts{measured}"
 
 
 def workload_section(name: str, data: dict[str, Any], plot: str | None) -> list[str]:
@@ -280,7 +291,8 @@ def workload_section(name: str, data: dict[str, Any], plot: str | None) -> list[
     lines = [
         f"## Serving: {name}",
         "",
-        f"- limit: {limit['images_per_s']:.1f} images/s ({limit['provider']}, in-process, decoded inputs, best batch "
+        f"- limit: {limit['images_per_s']:.1f} images/s ({limit['provider']}, in-process, decoded inputs, the faster "
+        "of one session and of single-thread sessions side by side, one per core; best batch "
         f"{limit['best_batch']}, mean of {limit.get('measurements', 1)} measurements taken between the serving "
         f"rounds; by batch size {per_batch})",
         f"- JPEG decoding and preprocessing as the server does by default: {decode['ms_per_image']:.2f} ms per image "

@@ -433,6 +433,8 @@ def batch_size_summary(serving: dict[str, Any], limit: dict[str, Any]) -> dict[s
         "server_images_per_s": first.get("images_per_second_by_batch_size", {}),
         "limit_at_chosen": per_batch.get(most),
         "limit_at_1": per_batch.get(1),
+        "lanes_per_start": [p.get("lanes", 0) for p in starts],
+        "server_lane_images_per_s": first.get("images_per_second_full_session_vs_lanes", {}),
     }
 
 

@@ -312,14 +312,15 @@ def ports_for(systems: list[System]) -> Ports:
 
 def model_parameters(port: int, model: str) -> dict[str, Any]:
     """What our server says of a model's batching in ``GET /v2/models/{model}`` (``parameters``): the batch size
-    it chose, whether it measured it, and its images/s by batch size."""
+    it chose, whether it measured it, its images/s by batch size, and its lanes."""
     import asyncio
 
     status, body = asyncio.run(get(HOST, port, f"/v2/models/{model}"))
     if status != 200:
         return {}
     parameters = json.loads(body).get("parameters", {})
-    keys = ("max_batch_size", "max_batch_size_measured", "images_per_second_by_batch_size", "max_queue_delay_ms")
+    keys = ("max_batch_size", "max_batch_size_measured", "images_per_second_by_batch_size", "max_queue_delay_ms",
+            "lanes", "images_per_second_full_session_vs_lanes")  # fmt: skip
     return {k: parameters[k] for k in keys if k in parameters}
 
 

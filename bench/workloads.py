@@ -44,12 +44,12 @@ PARTS = ("engine", "serving", "threads", "int8")
 # (without the dashes), comma-separated; "defaults" sets none. And the workloads it runs them on.
 THREAD_VARIANTS = (
     "defaults",
+    "lanes=0",
+    "lanes=2",
     "threads=1",
     "threads=2",
     "threads=1,instances=2",
-    "threads=2,instances=2",
     "threads=2,decode-workers=1",
-    "threads=1,instances=2,decode-workers=1",
 )
 THREAD_WORKLOADS = ("poolformer_s12", "xformers_cifar_metaformer")
 

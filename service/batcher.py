@@ -5,14 +5,20 @@ Contract (what callers may rely on):
 - A batch closes when it holds ``max_batch_size`` items, or ``max_queue_delay`` after its first item
   was queued, whichever comes first; a full batch goes at once. It also goes at once when no request
   is on its way: callers announce a request that will submit soon (``expect``: its body is being read or
-  decoded) and the batch waits for more only while one is announced. A lone client never waits.
+  decoded) and the batch waits for more only while one is announced. Announcements start and end under
+  the batcher's lock, so any thread may end one. A lone client never waits.
 - More than ``max_queue_size`` waiting items: ``QueueFullError`` at once, nothing is queued.
 - An item whose timeout passes while it waits is never run: its caller gets ``RequestTimeoutError``.
   An item whose caller went away (its task cancelled) is skipped.
 - An exception inside one inference call fails only that batch's items (``BatchFailedError``).
 - ``close`` stops taking items, lets the workers finish everything already queued, then joins them.
+- ``run_alone`` runs a batch at once in the caller's thread when it would run alone anyway (nothing
+  running, queued or on its way but this request): the lone request skips the hand-off to a worker.
 
-Inference runs in dedicated threads (one per session instance), never on the event loop. This module
+Inference runs in dedicated threads (one per session instance), never on the event loop. With a
+``solo_instance``, a batch that runs alone (no other batch running, nothing else queued or on its way)
+runs on that instance instead of its worker's own: one wide session for a lone request, narrow ones side
+by side under load (``OnnxModel.add_lanes``). This module
 knows nothing of HTTP or ONNX Runtime: ``run`` is any function from a stacked batch to an array
 whose first axis is the batch.
 """
@@ -65,6 +71,15 @@ class BatchStats:
     failed: bool
 
 
+class Announcement:
+    """A request announced with ``Batcher.expect``, until it submits, runs or is withdrawn (``open``)."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = True
+
+
 @dataclass
 class _Pending:
     item: np.ndarray
@@ -90,6 +105,7 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         instances: int = 1,
+        solo_instance: int | None = None,
         name: str = "model",
         observer: Callable[[BatchStats], None] | None = None,
     ) -> None:
@@ -100,10 +116,13 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.instances = instances
+        self.solo_instance = solo_instance
         self.name = name
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._expected = 0  # requests announced by ``expect`` that have not submitted or withdrawn yet
+        self._running = 0  # batches being run
+        self._alone_on: int | None = None  # the instance a ``run_alone`` call is running on
         self._cond = threading.Condition()
         self._accepting = True
         self._threads = [
@@ -120,37 +139,47 @@ class Batcher:
 
     # --- callers' side (event loop) -------------------------------------------------------------
 
-    def expect(self) -> None:
-        """Announce a request that will submit soon: a batch being formed waits for it (up to the delay)."""
+    def expect(self) -> Announcement:
+        """Announce a request that will submit soon: a batch being formed waits for it (up to the delay). The
+        announcement ends when the request submits or runs with it, or when it is withdrawn."""
         with self._cond:
             self._expected += 1
+        return Announcement()
 
-    def withdraw(self) -> None:
-        """Take back an announcement that will not submit (the request failed before it was ready)."""
+    def withdraw(self, announcement: Announcement) -> None:
+        """End an announcement whose request will not submit (it failed before it was ready, or is done); a
+        no-op when it has ended already."""
         with self._cond:
-            self._expected -= 1
-            self._cond.notify_all()
+            if announcement.open:
+                self._end(announcement)
+                self._cond.notify_all()
+
+    def _end(self, announcement: Announcement | None) -> int:
+        """End ``announcement`` if open (lock held); 1 if it was, else 0."""
+        if announcement is None or not announcement.open:
+            return 0
+        announcement.open = False
+        self._expected -= 1
+        return 1
 
     @property
     def expected(self) -> int:
         """Announced requests that have not submitted or withdrawn yet."""
         return self._expected
 
-    async def submit(self, item: np.ndarray, timeout_s: float, expected: bool = False) -> np.ndarray:
+    async def submit(self, item: np.ndarray, timeout_s: float, announcement: Announcement | None = None) -> np.ndarray:
         """Queue one item and wait for its output row."""
-        return (await self.submit_many([item], timeout_s, expected))[0]
+        return (await self.submit_many([item], timeout_s, announcement))[0]
 
     async def submit_many(
-        self, items: Sequence[np.ndarray], timeout_s: float, expected: bool = False
+        self, items: Sequence[np.ndarray], timeout_s: float, announcement: Announcement | None = None
     ) -> list[np.ndarray]:
         """Queue several items at once (all or none) and wait for all their output rows, in order.
-        ``expected``: this request was announced with ``expect``; the announcement ends here, whatever
-        the outcome."""
+        ``announcement``: this request's, from ``expect``; it ends here, whatever the outcome."""
         now = time.monotonic()
         pending = [_Pending(item, concurrent.futures.Future(), now, now + timeout_s) for item in items]
         with self._cond:
-            if expected:
-                self._expected -= 1
+            if self._end(announcement):
                 self._cond.notify_all()
             if not self._accepting:
                 raise NotAcceptingError(f"model {self.name!r} is shutting down")
@@ -171,13 +200,36 @@ class Batcher:
             gathered.add_done_callback(_retrieve)
         return list(done)
 
+    def run_alone(self, batch: np.ndarray, announcement: Announcement | None = None) -> np.ndarray | None:
+        """Run ``batch`` now, in this thread, when no batch runs, none waits and no request is on its way but
+        this one (``announcement``: its own, which ends here when it runs); the outputs, or None when it must
+        go through the queue instead (``submit_many``). Errors as ``submit_many``'s. For a thread that already
+        holds the request (the one that decoded it): a lone request then crosses no thread to be run."""
+        with self._cond:
+            own = 1 if announcement is not None and announcement.open else 0
+            if not self._accepting or self._running or self._queue or self._expected != own:
+                return None
+            self._running += 1
+            self._end(announcement)
+            instance = self._alone_on = self.solo_instance if self.solo_instance is not None else 0
+        pending = [_Pending(row, concurrent.futures.Future(), time.monotonic(), float("inf")) for row in batch]
+        for p in pending:
+            p.future.set_running_or_notify_cancel()
+        try:
+            self._execute(pending, instance)
+        finally:
+            with self._cond:  # the worker of that instance (without lanes) may take batches again
+                self._alone_on = None
+                self._cond.notify_all()
+        return np.stack([p.future.result() for p in pending])
+
     # --- workers' side (threads) ----------------------------------------------------------------
 
-    def _next_batch(self) -> list[_Pending] | None:
-        """Block until a batch is ready; None when closed and drained."""
+    def _next_batch(self, instance: int) -> tuple[list[_Pending], int] | None:
+        """Block until a batch is ready: it and the instance to run it on; None when closed and drained."""
         with self._cond:
-            while not self._queue:
-                if not self._accepting:
+            while not self._queue or self._alone_on == instance:  # one call at a time per instance
+                if not self._queue and not self._accepting:
                     return None
                 self._cond.wait()
             closes_at = self._queue[0].enqueued + self.max_queue_delay_s
@@ -196,12 +248,16 @@ class Batcher:
                     p.future.set_exception(RequestTimeoutError("the request waited longer than its timeout"))
                     continue
                 batch.append(p)
-            return batch
+            alone = self._running == 0 and not self._queue and self._expected == 0
+            if batch:
+                self._running += 1
+            return batch, self.solo_instance if alone and self.solo_instance is not None else instance
 
     def _worker(self, instance: int) -> None:
-        while (batch := self._next_batch()) is not None:
+        while (taken := self._next_batch(instance)) is not None:
+            batch, runs_on = taken
             if batch:
-                self._execute(batch, instance)
+                self._execute(batch, runs_on)
 
     def _execute(self, batch: list[_Pending], instance: int) -> None:
         started = time.monotonic()
@@ -215,6 +271,8 @@ class Batcher:
         except Exception as exc:  # one failing batch fails only its own items
             error = exc
             logger.exception("inference failed for a batch of %d on model %r", len(batch), self.name)
+        with self._cond:  # done before anyone sees its result: a caller holding one finds nothing running
+            self._running -= 1
         # Record the batch before anyone sees its result, so a caller holding a result also sees it counted.
         if self._observer is not None:
             try:

@@ -26,7 +26,7 @@ import numpy as np
 from stageformer.core.formats import RAW_INPUT
 from stageformer.core.preprocess import normalize, stack
 
-from .batcher import Batcher, BatchFailedError, NotAcceptingError, QueueFullError, RequestTimeoutError
+from .batcher import Announcement, Batcher, BatcherError, NotAcceptingError, QueueFullError, RequestTimeoutError
 from .errors import Kind, ServiceError, client_gone, shutting_down, too_large
 from .images import prepare
 from .metrics import Metrics
@@ -47,19 +47,6 @@ class Limits:
     max_image_pixels: int  # width x height of one uploaded image, read from its header
     request_timeout_s: float  # longest wait for inference
     decode_oversample: float | None = None  # reduced-scale JPEG decoding down to this multiple (None: exact)
-
-
-class Ticket:
-    """One request's passage through ``ModelPipeline.arrival``: whether its batcher announcement is still
-    open (it closes when the request submits, or when it leaves without submitting)."""
-
-    def __init__(self) -> None:
-        self.announced = True
-
-    def take(self) -> bool:
-        """Hand the announcement to the batcher (once)."""
-        announced, self.announced = self.announced, False
-        return announced
 
 
 class ModelPipeline:
@@ -103,20 +90,19 @@ class ModelPipeline:
                               "waiting; retry later", "queue_full")  # fmt: skip
 
     @contextmanager
-    def arrival(self) -> Iterator[Ticket]:
-        """A request from before its body is read to its answer (see the module docstring)."""
+    def arrival(self) -> Iterator[Announcement]:
+        """A request from before its body is read to its answer (see the module docstring); its announcement
+        to the batcher, to hand to ``classify`` or ``infer``."""
         if self.aborted:
             raise self._stopped()
         self._refuse_if_full()
-        self.batcher.expect()
-        ticket = Ticket()
+        announcement = self.batcher.expect()
         self.arrivals += 1
         try:
-            yield ticket
+            yield announcement
         finally:
             self.arrivals -= 1
-            if ticket.take():
-                self.batcher.withdraw()
+            self.batcher.withdraw(announcement)  # a no-op once it submitted or ran
 
     @contextmanager
     def _admitted(self, rows: int) -> Iterator[None]:
@@ -133,77 +119,113 @@ class ModelPipeline:
 
     # --- the steps ----------------------------------------------------------------------------------
 
+    def _prepare(self, index: int, name: str | None, data: bytes) -> np.ndarray:
+        """One uploaded file -> model-ready pixels ``[H, W, 3]`` (a decode-pool job)."""
+        what = f"image {name or index}"
+        return prepare(data, self.info.preprocess, self.limits.max_image_pixels, what, self.limits.decode_oversample)
+
+    def _model_input(self, pixels: list[np.ndarray]) -> np.ndarray:
+        batch = stack(pixels)
+        return batch if self.info.input_format == RAW_INPUT else normalize(batch, self.info.preprocess)
+
     async def decode(self, images: Sequence[tuple[str | None, bytes]]) -> np.ndarray:
         """Uploaded files -> model input ``[batch, ...]``, decoded in the decode pool, in order. The first
         image that cannot be used fails the request, naming it."""
-        info = self.info
         if len(images) > self.limits.max_images:
             raise too_large(f"{len(images)} images in one request; send at most {self.limits.max_images}")
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(
-                self.decode_pool,
-                prepare,
-                data,
-                info.preprocess,
-                self.limits.max_image_pixels,
-                f"image {name or i}",
-                self.limits.decode_oversample,
-            )
-            for i, (name, data) in enumerate(images)
-        ]
+        jobs = [loop.run_in_executor(self.decode_pool, self._prepare, i, name, data)
+                for i, (name, data) in enumerate(images)]  # fmt: skip
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        pixels = stack(results)  # type: ignore[arg-type]
         self._preprocess_seconds.observe((time.perf_counter() - started) / len(images))
-        return pixels if info.input_format == RAW_INPUT else normalize(pixels, info.preprocess)
+        return self._model_input(results)  # type: ignore[arg-type]
+
+    def _decode_and_run_alone(
+        self, name: str | None, data: bytes, announcement: Announcement
+    ) -> tuple[np.ndarray, bool]:
+        """One image decoded in this decode-pool thread and, when the model has nothing else to do, run in it
+        too (``Batcher.run_alone``): a lone request crosses no more threads than a plain endpoint's. Returns
+        its logits ``[1, classes]`` and True, or its model input ``[1, ...]`` and False when it must queue."""
+        started = time.perf_counter()
+        batch = self._model_input([self._prepare(0, name, data)])
+        self._preprocess_seconds.observe(time.perf_counter() - started)
+        if self.aborted:
+            return batch, False
+        try:
+            logits = self.batcher.run_alone(batch, announcement)
+        except BatcherError as exc:
+            raise self._batcher_error(exc, 0.0, 1) from None
+        return (batch, False) if logits is None else (logits, True)
 
     async def classify(
-        self, ticket: Ticket, images: Sequence[tuple[str | None, bytes]], k: int, gone: Disconnected | None = None
-    ) -> list[list[Prediction]]:
+        self, announcement: Announcement, images: Sequence[tuple[str | None, bytes]], k: int,
+        gone: Disconnected | None = None,
+    ) -> list[list[Prediction]]:  # fmt: skip
         """Uploaded image files -> the ``k`` most probable classes of each, best first."""
         with self._admitted(len(images)):
-            batch = await self.decode(images)
-            logits = await self._run(ticket, batch, gone)
+            if len(images) == 1:
+                logits = await self._classify_one(announcement, *images[0], gone)
+            else:
+                logits = await self._run(announcement, await self.decode(images), gone)
         return top_k(logits, self.info.labels, k)
 
-    async def infer(self, ticket: Ticket, batch: np.ndarray, gone: Disconnected | None = None) -> np.ndarray:
+    async def _classify_one(
+        self, announcement: Announcement, name: str | None, data: bytes, gone: Disconnected | None
+    ) -> np.ndarray:
+        """One image: decoded, and run in the same thread when it is alone (else queued); its logits."""
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self.decode_pool, self._decode_and_run_alone, name, data, announcement)
+        timeout = self.limits.request_timeout_s
+        try:  # the request timeout holds here too; a run past it finishes unheard, as a queued one would
+            out, ran = await asyncio.wait_for(job, timeout)
+        except TimeoutError:
+            error = RequestTimeoutError(f"no result within {timeout:g} s; the server is too busy")
+            raise self._batcher_error(error, timeout, 1) from None
+        return out if ran else await self._run(announcement, out, gone)
+
+    async def infer(
+        self, announcement: Announcement, batch: np.ndarray, gone: Disconnected | None = None
+    ) -> np.ndarray:
         """A model-ready input tensor ``[batch, ...]`` (checked against ``input_spec``) -> logits."""
         if len(batch) > self.limits.max_images:
             raise too_large(f"a batch of {len(batch)} images in one request; send at most {self.limits.max_images}")
         with self._admitted(len(batch)):
             if batch.dtype != self.input_spec.dtype:
                 batch = batch.astype(self.input_spec.dtype)
-            return await self._run(ticket, batch, gone)
+            return await self._run(announcement, batch, gone)
 
-    async def _run(self, ticket: Ticket, batch: np.ndarray, gone: Disconnected | None) -> np.ndarray:
+    async def _run(self, announcement: Announcement, batch: np.ndarray, gone: Disconnected | None) -> np.ndarray:
         """Logits through the batcher; its errors become ``ServiceError`` kinds. A client that goes away
         while waiting takes its rows out of the queue."""
         if self.aborted:
             raise self._stopped()
         submitted = time.monotonic()
         timeout = self.limits.request_timeout_s
-        work = asyncio.ensure_future(self.batcher.submit_many(list(batch), timeout, expected=ticket.take()))
+        work = asyncio.ensure_future(self.batcher.submit_many(list(batch), timeout, announcement))
         self._waiting.add(work)
         try:
             rows = await self._outcome(work, gone)
-        except QueueFullError as exc:
-            raise self._error(Kind.OVERLOADED, f"overloaded: {exc}; retry later", "queue_full") from None
-        except NotAcceptingError as exc:
-            raise shutting_down(str(exc), self.name) from None
-        except RequestTimeoutError as exc:
-            waited = time.monotonic() - submitted
-            for _ in range(len(batch)):
-                self._queue_seconds.observe(waited)
-            raise self._error(Kind.TIMEOUT, str(exc), "timeout") from None
-        except BatchFailedError as exc:
-            raise self._error(Kind.INTERNAL, f"{exc}; the server logged the details", "inference_failed") from None
+        except BatcherError as exc:
+            raise self._batcher_error(exc, time.monotonic() - submitted, len(batch)) from None
         finally:
             self._waiting.discard(work)
         return np.stack(rows)
+
+    def _batcher_error(self, exc: BatcherError, waited: float, rows: int) -> ServiceError:
+        """The ``ServiceError`` of a batcher's error, for a request of ``rows`` that waited ``waited`` s."""
+        if isinstance(exc, QueueFullError):
+            return self._error(Kind.OVERLOADED, f"overloaded: {exc}; retry later", "queue_full")
+        if isinstance(exc, NotAcceptingError):
+            return shutting_down(str(exc), self.name)
+        if isinstance(exc, RequestTimeoutError):
+            for _ in range(rows):
+                self._queue_seconds.observe(waited)
+            return self._error(Kind.TIMEOUT, str(exc), "timeout")
+        return self._error(Kind.INTERNAL, f"{exc}; the server logged the details", "inference_failed")
 
     async def _outcome(self, work: asyncio.Future[list[np.ndarray]], gone: Disconnected | None) -> list[np.ndarray]:
         racing: set[asyncio.Future[Any]] = {work}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -16,6 +17,9 @@ from .runtime import ModelLoadError, OnnxModel, choose_batch_size
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
+
+MAX_AUTO_LANES = 4  # each lane is one more copy of the model in memory
+LANES_WORTH = 1.05  # lanes are kept when this many times faster than the full session (within noise: no harm)
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "digits.onnx"
 
@@ -128,13 +132,15 @@ def load_model(path: Path, settings: Settings, metrics: Metrics, decode_pool: Ex
     else:
         size = settings.max_batch_size
     runtime.set_max_batch_size(size)
+    lanes = _add_lanes(runtime, settings, size)
     sizes = runtime.warm_up()
     batcher = Batcher(
         runtime.run,
         max_batch_size=size,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
         max_queue_size=settings.max_queue_size,
-        instances=settings.instances,
+        instances=lanes or settings.instances,
+        solo_instance=lanes or None,  # with lanes, instance `lanes` is the full session (see OnnxModel.add_lanes)
         name=runtime.info.name,
         observer=_observer(metrics, runtime.info.name),
     )
@@ -146,6 +152,35 @@ def load_model(path: Path, settings: Settings, metrics: Metrics, decode_pool: Ex
     metrics.max_batch_size.labels(model.name).set(size)
     logger.info("loaded %r from %s in %.2f s (warmed up at batch sizes %s)", model.name, path, seconds, sizes)
     return model
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _add_lanes(runtime: OnnxModel, settings: Settings, batch_size: int) -> int:
+    """Give a CPU model its lanes (``--lanes``; auto: when measured worth it); how many it got."""
+    cpus = cpu_count()
+    if runtime.on_gpu or settings.lanes == 0:
+        return 0
+    if settings.lanes != "auto":
+        runtime.add_lanes(settings.lanes, max(1, cpus // settings.lanes))
+        return settings.lanes
+    if settings.instances > 1 or settings.threads or cpus < 2:
+        return 0  # the cores were split by hand, or there is nothing to split
+    count = min(cpus, MAX_AUTO_LANES)
+    runtime.add_lanes(count, cpus // count)
+    alone, together = runtime.measure_lanes(batch_size, settings.auto_batch_budget_s / 2)
+    runtime.lane_throughput = {"full_session": alone, "lanes": together}
+    keep = together >= LANES_WORTH * alone
+    logger.info("model %r: %s %d lanes (images/s at batch %d: full session %.1f, %d lanes side by side %.1f)",
+                runtime.info.name, "serving with" if keep else "not worth", count, batch_size, alone, count,
+                together)  # fmt: skip
+    if not keep:
+        runtime.drop_lanes()
+        return 0
+    return count
 
 
 def _observer(metrics: Metrics, name: str) -> Callable[[BatchStats], None]:

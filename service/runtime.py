@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,24 +158,9 @@ class OnnxModel:
         if not self.path.is_file():
             raise ModelLoadError(f"model file {str(self.path)!r} does not exist")
         self.max_batch_size = max_batch_size
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # ORT's own fallback warnings are replaced by one clear line below
-        # ONNX Runtime's pool threads spin for a long while after each parallel section by default, holding
-        # cores that this process's decoding and HTTP threads need. A 50 µs spin still bridges the gaps
-        # between the operators of one run (latency as with the default), then the threads sleep: on 2
-        # cores this used the least CPU per call of default, no spinning and 500 µs (bench/).
-        options.add_session_config_entry("session.intra_op.spin_duration_us", "50")
-        providers = self._providers(device, trt_cache_dir, max_batch_size)
-        try:
-            self.sessions = [
-                ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
-                for _ in range(instances)
-            ]
-        except Exception as exc:  # ORT raises its own exception types for corrupt files
-            raise ModelLoadError(f"{self.path}: ONNX Runtime cannot load it: {exc}") from exc
+        self._providers_list = self._providers(device, trt_cache_dir, max_batch_size)
+        self.sessions = [self._new_session(threads) for _ in range(instances)]
+        self.lanes: list[ort.InferenceSession] = []  # see add_lanes
         active = self.sessions[0].get_providers()
         if device in ("cuda", "tensorrt") and not _cuda_works(active):
             raise ModelLoadError(
@@ -188,7 +174,87 @@ class OnnxModel:
         self.info = read_model_info(self.path, self.sessions[0], name)
         self.buckets = batch_buckets(max_batch_size) if self.on_gpu else []
         self.batch_throughput: dict[int, float] = {}  # images/s per batch size, when measured
+        self.lane_throughput: dict[str, float] = {}  # images/s of the full session and of the lanes, when measured
         logger.info("model %r runs on %s (%d instance(s))", self.info.name, self.provider, instances)
+
+    def _new_session(self, threads: int) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # ORT's own fallback warnings are replaced by one clear line below
+        # ONNX Runtime's pool threads spin for a long while after each parallel section by default, holding
+        # cores that this process's decoding and HTTP threads need. A 50 µs spin still bridges the gaps
+        # between the operators of one run (latency as with the default), then the threads sleep: on 2
+        # cores this used the least CPU per call of default, no spinning and 500 µs (bench/).
+        options.add_session_config_entry("session.intra_op.spin_duration_us", "50")
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=self._providers_list)
+        except Exception as exc:  # ORT raises its own exception types for corrupt files
+            raise ModelLoadError(f"{self.path}: ONNX Runtime cannot load it: {exc}") from exc
+
+    # --- lanes ----------------------------------------------------------------------------------------
+
+    def add_lanes(self, count: int, threads: int) -> None:
+        """``count`` more sessions with ``threads`` intra-op threads each, for batches that run side by side
+        while requests queue: instances ``0..count-1`` of ``run`` are the lanes, instance ``count`` is the
+        first session (for a batch that runs alone, using every core). On a few CPU cores several narrow
+        sessions side by side get more images/s than one wide one, whose operators do not all split."""
+        self.lanes = [self._new_session(threads) for _ in range(count)]
+
+    def drop_lanes(self) -> None:
+        self.lanes = []
+
+    def measure_lanes(self, batch_size: int, budget_s: float) -> tuple[float, float]:
+        """Images/s at ``batch_size`` of the first session alone, and of every lane at once (one thread
+        driving each), in three rounds that alternate between the two within about ``budget_s``; medians."""
+        if not self.lanes:
+            raise ValueError("add_lanes first")
+        batch = np.zeros((batch_size, *self.info.sample_shape), dtype=self.info.input_dtype)
+        for session in self.lanes:  # the first run of a session allocates
+            self._run_on(session, batch)
+        stretch = budget_s / 6
+        alone, together = [], []
+        for _ in range(3):
+            alone.append(self._rate([self.sessions[0]], batch, stretch))
+            together.append(self._rate(self.lanes, batch, stretch))
+        return statistics.median(alone), statistics.median(together)
+
+    def lanes_rate(self, batch_size: int, seconds: float) -> float:
+        """Images/s of every lane at once at ``batch_size`` (one thread driving each), for about ``seconds``."""
+        batch = np.zeros((batch_size, *self.info.sample_shape), dtype=self.info.input_dtype)
+        for session in self.lanes:  # the first run of a session allocates
+            self._run_on(session, batch)
+        return self._rate(self.lanes, batch, seconds)
+
+    def _rate(self, sessions: list[ort.InferenceSession], batch: np.ndarray, seconds: float) -> float:
+        """Images/s of ``sessions`` run side by side, each by its own thread, for about ``seconds``."""
+        counts = [0] * len(sessions)
+        deadline = time.perf_counter() + seconds
+
+        def drive(i: int) -> None:
+            while True:
+                self._run_on(sessions[i], batch)
+                counts[i] += len(batch)
+                if time.perf_counter() >= deadline:
+                    return
+
+        drivers = [threading.Thread(target=drive, args=(i,)) for i in range(len(sessions))]
+        tick = time.perf_counter()
+        for driver in drivers:
+            driver.start()
+        for driver in drivers:
+            driver.join()
+        return sum(counts) / (time.perf_counter() - tick)
+
+    def _run_on(self, session: ort.InferenceSession, batch: np.ndarray) -> None:
+        session.run([self.info.output_name], {self.info.input_name: batch})
+
+    def session(self, instance: int) -> ort.InferenceSession:
+        """The session of ``run``'s ``instance``: a lane (see ``add_lanes``), else one of the sessions."""
+        if instance < len(self.lanes):
+            return self.lanes[instance]
+        return self.sessions[(instance - len(self.lanes)) % len(self.sessions)]
 
     def set_max_batch_size(self, max_batch_size: int) -> None:
         """The largest batch this model will be given (and, on GPUs, its buckets)."""
@@ -275,7 +341,7 @@ class OnnxModel:
         padded = self.bucket(n)
         if padded != n:
             batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), dtype=batch.dtype)])
-        session = self.sessions[instance % len(self.sessions)]
+        session = self.session(instance)
         batch = np.ascontiguousarray(batch)
         if self.on_gpu:
             binding = session.io_binding()
@@ -288,10 +354,10 @@ class OnnxModel:
         return np.asarray(logits[:n], dtype=np.float32)
 
     def warm_up(self) -> list[int]:
-        """Run every session once at each batch size it will see (each bucket on GPU; 1 and the
+        """Run every session and lane once at each batch size it will see (each bucket on GPU; 1 and the
         maximum on CPU), so the first requests do not pay for allocation and algorithm search."""
         sizes = self.buckets or sorted({1, self.max_batch_size})
-        for instance in range(len(self.sessions)):
+        for instance in range(len(self.lanes) + len(self.sessions)):
             for size in sizes:
                 self.run(np.zeros((size, *self.info.sample_shape), dtype=self.info.input_dtype), instance)
         return sizes

@@ -75,6 +75,10 @@ def model_metadata(model: str, registry: Registry, version: str = "1") -> dict[s
                 str(b): round(r, 1) for b, r in served.runtime.batch_throughput.items()
             },
             "max_queue_delay_ms": served.batcher.max_queue_delay_s * 1000.0,
+            "lanes": len(served.runtime.lanes),
+            "images_per_second_full_session_vs_lanes": {
+                k: round(r, 1) for k, r in served.runtime.lane_throughput.items()
+            },
         },
     }
 

@@ -125,7 +125,8 @@ async function loadMetadata() {
   const chosen = params.max_batch_size_measured ? " (the fastest size, measured when the model loaded)" : "";
   $("meta-batching").textContent =
     `up to ${params.max_batch_size} images per run${chosen}, waiting at most ${params.max_queue_delay_ms} ms ` +
-    "for more while other requests are on their way";
+    "for more while other requests are on their way" +
+    (params.lanes ? `; ${params.lanes} runs side by side while requests queue` : "");
   ui.info.hidden = false;
 }
 

@@ -54,8 +54,9 @@ def png(size: tuple[int, int] = (40, 30), seed: int = 0, mode: str = "RGB") -> b
 
 @asynccontextmanager
 async def serve(**settings: object) -> AsyncIterator[httpx.AsyncClient]:
-    """An app with its lifespan running, and a client talking to it in-process."""
-    app = create_app(Settings(**{"grpc_port": 0, **settings}))  # type: ignore[arg-type]
+    """An app with its lifespan running, and a client talking to it in-process; ``lanes`` 0 unless given (as
+    ``harness.server_process``)."""
+    app = create_app(Settings(**{"grpc_port": 0, "lanes": 0, **settings}))  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:

@@ -93,8 +93,9 @@ class LiveServer:
 
 @contextmanager
 def live_server(**settings: Any) -> Iterator[LiveServer]:
-    """uvicorn serving ``create_app(Settings(**settings))`` on a free loopback port, in a thread."""
-    settings_ = Settings(**{"grpc_port": 0, **settings})
+    """uvicorn serving ``create_app(Settings(**settings))`` on a free loopback port, in a thread; ``lanes`` 0
+    unless given (see ``server_process``)."""
+    settings_ = Settings(**{"grpc_port": 0, "lanes": 0, **settings})
     app = create_app(settings_)
     config = uvicorn_config(app, settings_, host="127.0.0.1", port=0, log_level="warning")
     server = uvicorn.Server(config)
@@ -230,11 +231,14 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 @contextmanager
 def server_process(*args: str, **env: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """``stageformer serve ARGS`` on a free port, ready; killed at the end if still running."""
+    """``stageformer serve ARGS`` on a free port, ready; killed at the end if still running. Without ``--lanes``
+    in ARGS: ``--lanes 0`` (one inference thread per model, what these tests of batching, admission and
+    draining count on; the lanes have their own tests)."""
     port = free_port()
     grpc = [] if "--grpc-port" in args else ["--grpc-port", "0"]
+    lanes = [] if any(a.startswith("--lanes") for a in args) else ["--lanes", "0"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "stageformer", "serve", *args, "--port", str(port), *grpc],
+        [sys.executable, "-m", "stageformer", "serve", *args, "--port", str(port), *grpc, *lanes],
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,

@@ -28,14 +28,18 @@ class Recorder:
         self.fail_when = fail_when  # fail any batch containing this value
         self.sizes: list[int] = []
         self.seen: list[float] = []
+        self.ran_on: dict[float, int] = {}  # the instance each value's batch ran on
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()  # set once a worker has taken a batch
+        self.calls = 0  # batches taken so far (counted before the gate)
 
     def __call__(self, batch: np.ndarray, instance: int) -> np.ndarray:
+        self.calls += 1
         self.entered.set()
         self.gate.wait()
         self.sizes.append(len(batch))
+        self.ran_on.update((value, instance) for value in batch[:, 0].tolist())
         self.seen.extend(batch[:, 0].tolist())
         time.sleep(self.delay_s)
         if self.fail_when is not None and self.fail_when in batch[:, 0]:
@@ -62,9 +66,8 @@ async def until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0
 
 async def announced(batcher: Batcher, values: list[float], timeout_s: float = 5.0) -> list[np.ndarray]:
     """Callers that announced themselves first (as the server does while it reads and decodes), then submit."""
-    for _ in values:
-        batcher.expect()
-    return await asyncio.gather(*(batcher.submit(item(v), timeout_s, expected=True) for v in values))
+    pairs = [(value, batcher.expect()) for value in values]
+    return await asyncio.gather(*(batcher.submit(item(value), timeout_s, a) for value, a in pairs))
 
 
 async def test_every_caller_gets_its_own_row() -> None:
@@ -103,29 +106,54 @@ async def test_a_lone_request_never_waits_for_company() -> None:
 async def test_a_batch_waits_for_announced_requests_up_to_the_delay() -> None:
     run = Recorder()
     batcher = make(run, max_batch_size=4, max_queue_delay_s=1.0)
-    batcher.expect()  # one request is on its way (being read or decoded) and never comes
+    never = batcher.expect()  # one request is on its way (being read or decoded) and never comes
     started = time.monotonic()
     await batcher.submit(item(1), 5.0)
     assert time.monotonic() - started >= 0.98  # waited for it until the delay ended
-    batcher.withdraw()
+    batcher.withdraw(never)
+    batcher.withdraw(never)  # ended already: nothing changes
+    assert batcher.expected == 0
 
-    batcher.expect()  # one on its way that does come, 0.2 s later: both go in one batch, long before the delay
+    coming = batcher.expect()  # one on its way that does come, 0.2 s later: both go in one batch, long before the delay
     started = time.monotonic()
     early = asyncio.ensure_future(batcher.submit(item(2), 5.0))
     await asyncio.sleep(0.2)
-    await batcher.submit(item(3), 5.0, expected=True)
+    await batcher.submit(item(3), 5.0, coming)
+    batcher.withdraw(coming)  # it submitted: withdrawing it afterwards (as a request's end does) changes nothing
     await early
     assert 0.19 < time.monotonic() - started < 0.9
     assert run.sizes == [1, 2]
 
-    batcher.expect()  # one on its way that gives up: the waiting batch goes when it withdraws
+    giving_up = batcher.expect()  # one on its way that gives up: the waiting batch goes when it withdraws
     started = time.monotonic()
     early = asyncio.ensure_future(batcher.submit(item(4), 5.0))
     await asyncio.sleep(0.2)
-    batcher.withdraw()
+    batcher.withdraw(giving_up)
     await early
     assert 0.19 < time.monotonic() - started < 0.9
     assert run.sizes == [1, 2, 1] and batcher.expected == 0
+    batcher.close()
+
+
+async def test_a_batch_alone_runs_on_the_solo_instance_and_others_side_by_side_on_their_own() -> None:
+    run = Recorder()
+    batcher = make(run, max_batch_size=1, max_queue_delay_s=0.01, instances=2, solo_instance=2)
+    await batcher.submit(item(1), 5.0)  # nothing else running, queued or on its way
+    assert run.ran_on == {1: 2}
+
+    run.gate.clear()  # the first batch holds its worker; the next one comes while it runs
+    first = asyncio.ensure_future(batcher.submit(item(2), 5.0))
+    await until(lambda: run.calls == 2, "the first batch to start")
+    second = asyncio.ensure_future(batcher.submit(item(3), 5.0))
+    await until(lambda: run.calls == 3, "the second batch to be taken by the other worker")
+    run.gate.set()
+    assert [float(r[0]) for r in await asyncio.gather(first, second)] == [4.0, 6.0]
+    assert run.ran_on[2] == 2 and run.ran_on[3] in (0, 1)  # alone: solo; beside a running one: its own lane
+
+    other = batcher.expect()  # another request is on its way (and never comes): this batch does not run alone
+    await batcher.submit(item(4), 5.0)
+    batcher.withdraw(other)
+    assert run.ran_on[4] in (0, 1)
     batcher.close()
 
 
@@ -187,17 +215,42 @@ async def test_a_failing_batch_fails_only_its_own_items() -> None:
     run = Recorder(fail_when=13)
     stats: list[BatchStats] = []
     batcher = make(run, max_batch_size=4, max_queue_delay_s=0.05, observer=stats.append)
-    for _ in range(4):
-        batcher.expect()
-    bad = await asyncio.gather(
-        *(batcher.submit(item(v), 5.0, expected=True) for v in (11, 12, 13, 14)), return_exceptions=True
-    )
+    bad = await asyncio.gather(*(announced(batcher, [v]) for v in (11, 12, 13, 14)), return_exceptions=True)
     assert all(isinstance(r, BatchFailedError) for r in bad)
     good = await announced(batcher, [21, 22])
     assert [float(r[0]) for r in good] == [42.0, 44.0]
     assert [s.failed for s in stats] == [True, False]
     assert stats[1].size == 2 and len(stats[1].queue_waits) == 2
     batcher.close()
+
+
+async def test_a_lone_request_runs_in_its_own_thread_only_when_nothing_else_is_going_on() -> None:
+    run = Recorder()
+    stats: list[BatchStats] = []
+    batcher = make(run, instances=2, solo_instance=2, observer=stats.append)
+    mine = batcher.expect()
+    out = batcher.run_alone(np.stack([item(1)]), mine)
+    assert out is not None and np.array_equal(out, np.stack([item(2)])) and run.ran_on == {1: 2}
+    assert not mine.open and batcher.expected == 0 and stats[-1].size == 1
+
+    mine, other = batcher.expect(), batcher.expect()  # another request is on its way: queue instead
+    assert batcher.run_alone(np.stack([item(3)]), mine) is None and mine.open and batcher.expected == 2
+    batcher.withdraw(other)
+    run.gate.clear()  # a batch runs: queue instead
+    running = asyncio.ensure_future(batcher.submit(item(4), 5.0))
+    await until(lambda: run.calls == 2, "a batch to run")
+    assert batcher.run_alone(np.stack([item(5)]), mine) is None and mine.open
+    run.gate.set()
+    await running
+    assert batcher.run_alone(np.stack([item(6)]), mine) is not None and batcher.expected == 0
+
+    bad = Recorder(fail_when=7)  # its errors are submit's
+    batcher2 = make(bad)
+    with pytest.raises(BatchFailedError):
+        batcher2.run_alone(np.stack([item(7)]))
+    batcher2.close()
+    batcher.close()
+    assert batcher.run_alone(np.stack([item(8)])) is None  # closed: the queue says so (NotAcceptingError)
 
 
 async def test_close_drains_what_is_queued_then_refuses() -> None:
