@@ -70,6 +70,7 @@ def create_app(
         await repository.close()
         await run_in_threadpool(state.registry.close, state.close_timeout())
         state.decode_pool.shutdown(wait=True)
+        state.json_parser.close()
         logger.info("stopped")
 
     app = FastAPI(

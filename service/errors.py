@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class Kind(enum.Enum):
@@ -78,6 +79,14 @@ class ServiceError(Exception):
         self.close = close
         self.model = model
         self.reason = reason or kind.value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole, for an error raised in a worker process (``service.bodies``)."""
+        return (_rebuild, (self.kind, self.message, self.retry, self.close, self.model, self.reason))
+
+
+def _rebuild(kind: Kind, message: str, retry: bool, close: bool, model: str | None, reason: str | None) -> ServiceError:
+    return ServiceError(kind, message, retry=retry, close=close, model=model, reason=reason)
 
 
 def bad_input(message: str) -> ServiceError:

@@ -325,3 +325,11 @@ def decode_request(body: bytes, header_length: str | None, spec: TensorSpec) -> 
     header, binary = split_body(body, header_length)
     request = parse_request(header)
     return request, decode_inputs(request, binary, spec)
+
+
+def decode_json_request(body: bytes, spec: TensorSpec) -> tuple[InferenceRequest, np.ndarray]:
+    """``decode_request`` of an all-JSON body, with the request's ``data`` left out of what it returns (the
+    tensor has it): what a worker process sends back is the tensor's bytes, not millions of Python numbers."""
+    request, tensor = decode_request(body, None, spec)
+    inputs = [given.model_copy(update={"data": None}) for given in request.inputs]
+    return request.model_copy(update={"inputs": inputs}), tensor

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .bodies import JsonBodyParser
 from .errors import Kind, ServiceError, shutting_down
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -22,6 +23,7 @@ class AppState:
     metrics: Metrics
     registry: ModelRegistry | None = None  # None until every model is loaded
     decode_pool: ThreadPoolExecutor | None = None
+    json_parser: JsonBodyParser = field(default_factory=JsonBodyParser)  # large JSON inference bodies
     repository: Repository | None = None  # loads and unloads models while serving
     ready: bool = False
     draining_since: float | None = None  # time.monotonic() of the shutdown signal; None while serving

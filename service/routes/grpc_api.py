@@ -166,10 +166,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc()
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
         model = self.model(request.model_name, request.model_version)
-        with model.arrival() as ticket:
+        with model.arrival() as announcement:
             tensor = _input_tensor(request, model.input_spec)
             wanted = _output_requests(request, model.info.output_name)
-            logits = await model.infer(ticket, tensor, _gone(context))
+            logits = await model.infer(announcement, tensor, _gone(context))
         response = pb.ModelInferResponse(model_name=model.name, model_version="1", id=request.id)
         for want in wanted:
             output = response.outputs.add(name=model.info.output_name)

@@ -76,9 +76,9 @@ async def read_images(request: Request, max_images: int) -> list[tuple[str | Non
 
 async def _classify(request: Request, registry: Registry, name: str | None, top_k: int) -> ClassifyResponse:
     model = registry.lookup(name)
-    with model.arrival() as ticket:
+    with model.arrival() as announcement:
         images = await read_images(request, model.limits.max_images)
-        predictions = await model.classify(ticket, images, top_k, partial(wait_for_disconnect, request))
+        predictions = await model.classify(announcement, images, top_k, partial(wait_for_disconnect, request))
     return ClassifyResponse(
         model=model.name,
         results=[

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from stageformer.core import __version__
 
 from .. import oip
+from ..bodies import PROCESS_PARSE_BYTES
 from ..deps import Registry, State, require_api_key, wait_for_disconnect
 from ..errors import not_found
 from ..http_errors import error_responses
@@ -164,16 +165,18 @@ _INFER_BODY = {
 @router.post("/models/{model}/versions/{version}/infer", include_in_schema=False, dependencies=secured)
 async def infer(model: str, request: Request, state: State, registry: Registry, version: str = "1") -> Response:
     served = _model(registry, model, version)
-    with served.arrival() as ticket:
+    with served.arrival() as announcement:
         body = await request.body()
         header_length = request.headers.get(oip.HEADER_LENGTH)
         decode = partial(oip.decode_request, body, header_length, served.input_spec)
         if len(body) <= INLINE_DECODE_BYTES:
             parsed, tensor = decode()
+        elif header_length is None and len(body) > PROCESS_PARSE_BYTES:  # millions of JSON numbers
+            parsed, tensor = await state.json_parser.decode(body, served.input_spec)
         else:
             parsed, tensor = await asyncio.get_running_loop().run_in_executor(state.decode_pool, decode)
         wanted = oip.output_requests(parsed, served.info.output_name)
-        logits = await served.infer(ticket, tensor, partial(wait_for_disconnect, request))
+        logits = await served.infer(announcement, tensor, partial(wait_for_disconnect, request))
     outputs, blobs = oip.encode_outputs(logits, served.info.labels, served.info.output_name, wanted)
     content, header_length_out = oip.response_body(served.name, parsed.id, outputs, blobs)
     if header_length_out is None:

@@ -4,9 +4,15 @@ are in test_bad_input.py."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import onnxruntime as ort
+
+from service.bodies import PROCESS_PARSE_BYTES
+
+from .conftest import serve
 
 
 def pixels(batch: int = 2, seed: int = 0) -> np.ndarray:
@@ -77,3 +83,32 @@ async def test_binary_tensors_in_and_out_and_classification(client, tiny_onnx) -
     assert out["datatype"] == "BYTES" and out["shape"] == [3, 2]
     score, index, label = out["data"][0].split(":")
     assert int(index) == int(np.argmax(logits[0])) and label == f"class-{index}" and 0 < float(score) <= 1
+
+
+async def test_a_large_json_body_is_parsed_in_a_worker_process_with_the_same_answers(tiny_onnx) -> None:
+    array = pixels(128, seed=3)
+    request = {"id": "big", "inputs": [{"name": "image", "shape": [128, 32, 32, 3], "datatype": "UINT8"}]}
+    request["inputs"][0]["data"] = array.tolist()
+    body = json.dumps(request).encode()
+    assert len(body) > PROCESS_PARSE_BYTES
+    headers = {"content-type": "application/json"}
+    async with serve(models=[str(tiny_onnx)], max_images=128, max_batch_size=8) as client:
+        response = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        out = response.json()
+        assert out["id"] == "big"
+        logits = np.asarray(out["outputs"][0]["data"], dtype=np.float32).reshape(out["outputs"][0]["shape"])
+        np.testing.assert_allclose(logits, expected_logits(tiny_onnx, array), atol=1e-5)
+        parser = client.app.state.stageformer.json_parser
+        assert parser._pool is not None, "the body did not go to the worker process"
+
+        request["inputs"][0]["shape"] = [128, 32, 32, 4]  # an error found there comes back whole
+        bad = await client.post("/v2/models/tiny/infer", content=json.dumps(request).encode(), headers=headers)
+        assert bad.status_code == 400 and "does not fit the model" in bad.json()["error"], bad.text
+
+        for pid in list(parser._pool._processes):  # the worker dies: only the request it holds fails
+            os.kill(pid, signal.SIGKILL)
+        died = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
+        assert died.status_code == 500 and "died" in died.json()["error"], died.text
+        again = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
+        assert again.status_code == 200, again.text
