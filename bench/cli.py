@@ -26,7 +26,7 @@ DESCRIPTION = (
     "Measure engines (PyTorch eager vs ONNX Runtime), decoding, serving under load (stageformer /v1, /v2 and gRPC "
     "against plain FastAPI endpoints and LitServe, on the same ONNX file and JPEG files) and the in-process limit, our "
     "server's thread settings, and int8 against fp32; write report.md, results.json and PNG plots. The full run "
-    "took 32 minutes on 2 CPU cores with the models already exported; --quick is a check, not figures. "
+    "took 35 minutes on 2 CPU cores with the models already exported; --quick is a check, not figures. "
     "`python -m bench gpu` checks the GPU path instead (see bench/gpu.py)."
 )
 
