@@ -172,10 +172,10 @@ def test_serves_the_demo_at_once(image: str) -> None:
 
 def test_drains_on_sigterm_and_exits_zero(image: str, tmp_path: Path) -> None:
     # A lone request never waits in the batcher, so a slow model (tens of ms a call) run one image at a time
-    # keeps requests queued long enough to stop the container while they wait.
+    # (no lanes beside it) keeps requests queued long enough to stop the container while they wait.
     models = tmp_path / "models"
     slow_model(models / "slow.onnx")
-    settings = {"STAGEFORMER_MAX_BATCH_SIZE": "1", "STAGEFORMER_MAX_QUEUE_DELAY_MS": "0"}
+    settings = {"STAGEFORMER_MAX_BATCH_SIZE": "1", "STAGEFORMER_MAX_QUEUE_DELAY_MS": "0", "STAGEFORMER_LANES": "0"}
     with container(image, env=settings, volume=f"{models}:/models:ro") as (name, port, _):
         wait_ready(name, port)
         with ThreadPoolExecutor(12) as pool:
