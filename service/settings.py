@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
+AUTO_OR_RANGE = {"max_batch_size": (1, 1024), "lanes": (0, 64)}  # settings that take auto or a number in range
 
 
 class Settings(BaseSettings):
@@ -120,18 +121,12 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("max_batch_size")
+    @field_validator(*AUTO_OR_RANGE)
     @classmethod
-    def _batch_size(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and not 1 <= value <= 1024:
-            raise ValueError(f"max_batch_size must be auto or an integer from 1 to 1024, got {value}")
-        return value
-
-    @field_validator("lanes")
-    @classmethod
-    def _lanes(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and not 0 <= value <= 64:
-            raise ValueError(f"lanes must be auto or an integer from 0 to 64, got {value}")
+    def _auto_or_in_range(cls, value: int | str, info: ValidationInfo) -> int | str:
+        low, high = AUTO_OR_RANGE[info.field_name or ""]
+        if isinstance(value, int) and not low <= value <= high:
+            raise ValueError(f"{info.field_name} must be auto or an integer from {low} to {high}, got {value}")
         return value
 
     @model_validator(mode="after")
