@@ -220,7 +220,7 @@ def limit(
 def _side_by_side(runtime: OnnxModel, batch: int, budget_s: float) -> Timing:
     """``measure``'s figure for the runtime's lanes run at once (the median of three stretches); its ms per
     call is per batch of the lanes together."""
-    rate = statistics.median(runtime.lanes_rate(batch, budget_s / 3) for _ in range(3))
+    rate = runtime.lanes_rate(batch, budget_s / 3, rounds=3)
     return Timing(rate, 1000.0 * batch / rate, 3)
 
 

@@ -207,7 +207,7 @@ class Batcher:
         holds the request (the one that decoded it): a lone request then crosses no thread to be run."""
         with self._cond:
             own = 1 if announcement is not None and announcement.open else 0
-            if not self._accepting or self._running or self._queue or self._expected != own:
+            if not self._accepting or not self._idle_but(own):
                 return None
             self._running += 1
             self._end(announcement)
@@ -248,10 +248,15 @@ class Batcher:
                     p.future.set_exception(RequestTimeoutError("the request waited longer than its timeout"))
                     continue
                 batch.append(p)
-            alone = self._running == 0 and not self._queue and self._expected == 0
+            alone = self._idle_but(0)  # the batch just taken is all there is
             if batch:
                 self._running += 1
             return batch, self.solo_instance if alone and self.solo_instance is not None else instance
+
+    def _idle_but(self, announced: int) -> bool:
+        """Nothing runs, nothing waits and no request is on its way but ``announced`` ones (lock held): a batch
+        taken now runs alone."""
+        return self._running == 0 and not self._queue and self._expected == announced
 
     def _worker(self, instance: int) -> None:
         while (taken := self._next_batch(instance)) is not None:

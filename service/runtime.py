@@ -208,11 +208,7 @@ class OnnxModel:
     def measure_lanes(self, batch_size: int, budget_s: float) -> tuple[float, float]:
         """Images/s at ``batch_size`` of the first session alone, and of every lane at once (one thread
         driving each), in three rounds that alternate between the two within about ``budget_s``; medians."""
-        if not self.lanes:
-            raise ValueError("add_lanes first")
-        batch = np.zeros((batch_size, *self.info.sample_shape), dtype=self.info.input_dtype)
-        for session in self.lanes:  # the first run of a session allocates
-            self._run_on(session, batch)
+        batch = self._lanes_ready(batch_size)
         stretch = budget_s / 6
         alone, together = [], []
         for _ in range(3):
@@ -220,12 +216,20 @@ class OnnxModel:
             together.append(self._rate(self.lanes, batch, stretch))
         return statistics.median(alone), statistics.median(together)
 
-    def lanes_rate(self, batch_size: int, seconds: float) -> float:
-        """Images/s of every lane at once at ``batch_size`` (one thread driving each), for about ``seconds``."""
-        batch = np.zeros((batch_size, *self.info.sample_shape), dtype=self.info.input_dtype)
-        for session in self.lanes:  # the first run of a session allocates
+    def lanes_rate(self, batch_size: int, seconds: float, rounds: int = 3) -> float:
+        """Images/s of every lane at once at ``batch_size`` (one thread driving each): the median of ``rounds``
+        stretches of about ``seconds`` each."""
+        batch = self._lanes_ready(batch_size)
+        return statistics.median(self._rate(self.lanes, batch, seconds) for _ in range(rounds))
+
+    def _lanes_ready(self, batch_size: int) -> np.ndarray:
+        """A blank batch of ``batch_size``, every lane having run it once (the first run of a session allocates)."""
+        if not self.lanes:
+            raise ValueError("add_lanes first")
+        batch = self._blank(batch_size)
+        for session in self.lanes:
             self._run_on(session, batch)
-        return self._rate(self.lanes, batch, seconds)
+        return batch
 
     def _rate(self, sessions: list[ort.InferenceSession], batch: np.ndarray, seconds: float) -> float:
         """Images/s of ``sessions`` run side by side, each by its own thread, for about ``seconds``."""
@@ -247,8 +251,13 @@ class OnnxModel:
             driver.join()
         return sum(counts) / (time.perf_counter() - tick)
 
-    def _run_on(self, session: ort.InferenceSession, batch: np.ndarray) -> None:
-        session.run([self.info.output_name], {self.info.input_name: batch})
+    def _run_on(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+        """One inference call on ``session`` at exactly this batch size (no bucket padding), for measuring."""
+        return np.asarray(session.run([self.info.output_name], {self.info.input_name: batch})[0])
+
+    def _blank(self, size: int) -> np.ndarray:
+        """An all-zero model input of ``size`` images."""
+        return np.zeros((size, *self.info.sample_shape), dtype=self.info.input_dtype)
 
     def session(self, instance: int) -> ort.InferenceSession:
         """The session of ``run``'s ``instance``: a lane (see ``add_lanes``), else one of the sessions."""
@@ -300,14 +309,10 @@ class OnnxModel:
         return [size for size, rate in rates.items() if rate >= 0.7 * best or size == 1]  # others cannot win
 
     def _timed_run(self, size: int) -> float:
-        batch = np.zeros((size, *self.info.sample_shape), dtype=self.info.input_dtype)
+        batch = self._blank(size)
         tick = time.perf_counter()
-        self._run_exact(batch)
+        self._run_on(self.sessions[0], batch)
         return time.perf_counter() - tick
-
-    def _run_exact(self, batch: np.ndarray) -> np.ndarray:
-        """One inference call at exactly this batch size (no bucket padding), for measuring."""
-        return np.asarray(self.sessions[0].run([self.info.output_name], {self.info.input_name: batch})[0])
 
     @staticmethod
     def _providers(device: str, trt_cache_dir: str, max_batch_size: int) -> list[Any]:
@@ -359,5 +364,5 @@ class OnnxModel:
         sizes = self.buckets or sorted({1, self.max_batch_size})
         for instance in range(len(self.lanes) + len(self.sessions)):
             for size in sizes:
-                self.run(np.zeros((size, *self.info.sample_shape), dtype=self.info.input_dtype), instance)
+                self.run(self._blank(size), instance)
         return sizes
