@@ -28,6 +28,10 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
 }
 
+# filters whose weights vary smoothly with position: resizing a box of the image equals resizing all of it, then
+# cropping, up to rounding
+SMOOTH = frozenset({Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS})
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -113,17 +117,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """A decoded image -> ``uint8 [image_size, image_size, 3]`` RGB, resized and centre-cropped."""
+    """A decoded image -> ``uint8 [image_size, image_size, 3]`` RGB, resized and centre-cropped. Only the pixels
+    the crop keeps are resized (Pillow's ``box``) with the smooth filters: on a 4:3 photo at crop 0.9 that is 40%
+    less work than resizing the whole image, and each value is within 1 (rounding) of what resizing all, then
+    cropping, gives. ``nearest`` and ``box`` pick or bound source pixels by position, where the rounding of the
+    box's edges could move them by one pixel: those resize the whole image, then crop."""
     image = to_rgb(image)
     width, height = image.size
-    short = config.resize_size
+    short, side = config.resize_size, config.image_size
     scale = short / min(width, height)
     new_w, new_h = max(short, round(width * scale)), max(short, round(height * scale))
+    left, top = (new_w - side) // 2, (new_h - side) // 2
+    resample = INTERPOLATIONS[config.interpolation]
+    if (new_w, new_h) != (width, height) and resample in SMOOTH:
+        # resize only the part the centre crop keeps: the same filter at the same scale, on fewer pixels
+        x_scale, y_scale = width / new_w, height / new_h
+        box = (left * x_scale, top * y_scale, (left + side) * x_scale, (top + side) * y_scale)
+        return np.asarray(image.resize((side, side), resample, box=box), dtype=np.uint8)
     if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), INTERPOLATIONS[config.interpolation])
-    left = (new_w - config.image_size) // 2
-    top = (new_h - config.image_size) // 2
-    image = image.crop((left, top, left + config.image_size, top + config.image_size))
+        image = image.resize((new_w, new_h), resample)
+    image = image.crop((left, top, left + side, top + side))
     return np.asarray(image, dtype=np.uint8)
 
 

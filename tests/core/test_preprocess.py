@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stageformer.core.preprocess import PreprocessConfig, normalize, preprocess, reduce_while_decoding, stack
+from stageformer.core.preprocess import (
+    INTERPOLATIONS,
+    PreprocessConfig,
+    normalize,
+    preprocess,
+    reduce_while_decoding,
+    stack,
+)
 
 
 def test_short_side_resize_then_centre_crop() -> None:
@@ -20,6 +27,29 @@ def test_short_side_resize_then_centre_crop() -> None:
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     # short side 64 -> 64 (image_size / crop_pct), crop keeps the central 32x32: the red square
     assert (out[..., 0] == 255).all() and (out[..., 1] == 0).all()
+
+
+def _resize_all_then_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """The reference: resize the whole image so its short side is resize_size, then crop the centre."""
+    scale = config.resize_size / min(image.size)
+    width, height = (max(config.resize_size, round(side * scale)) for side in image.size)
+    left, top = (width - config.image_size) // 2, (height - config.image_size) // 2
+    resized = image.resize((width, height), INTERPOLATIONS[config.interpolation])
+    return np.asarray(resized.crop((left, top, left + config.image_size, top + config.image_size)))
+
+
+@pytest.mark.parametrize("interpolation", list(INTERPOLATIONS))
+def test_resizing_only_the_crop_matches_resizing_all_then_cropping(interpolation: str) -> None:
+    rng = np.random.default_rng(7)
+    for image_size, crop_pct in [(224, 0.9), (224, 0.875), (32, 1.0), (28, 1.0)]:
+        config = PreprocessConfig(image_size=image_size, crop_pct=crop_pct, interpolation=interpolation)
+        for size in [(640, 427), (451, 300), (24, 24), (1000, 37), (300, 301), (3000, 2000)]:
+            noise = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+            got, want = preprocess(noise, config).astype(int), _resize_all_then_crop(noise, config).astype(int)
+            if interpolation in ("nearest", "box"):  # these resize all, then crop: identical
+                assert np.array_equal(got, want), (config, size)
+            else:  # noise is the worst case for rounding
+                assert np.abs(got - want).max() <= 1, (config, size)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "1"])
