@@ -18,7 +18,9 @@ Contract (what callers may rely on):
 Inference runs in dedicated threads (one per session instance), never on the event loop. With a
 ``solo_instance``, a batch that runs alone (no other batch running, nothing else queued or on its way)
 runs on that instance instead of its worker's own: one wide session for a lone request, narrow ones side
-by side under load (``OnnxModel.add_lanes``). This module
+by side under load (``OnnxModel.add_lanes``). A batch starts beside a running one only when it is full or no
+other request is on its way, so the lanes share out a backlog without splitting a trickle into small batches
+that would take the cores the requests are read and decoded on. This module
 knows nothing of HTTP or ONNX Runtime: ``run`` is any function from a stacked batch to an array
 whose first axis is the batch.
 """
@@ -228,7 +230,7 @@ class Batcher:
     def _next_batch(self, instance: int) -> tuple[list[_Pending], int] | None:
         """Block until a batch is ready: it and the instance to run it on; None when closed and drained."""
         with self._cond:
-            while not self._queue or self._alone_on == instance:  # one call at a time per instance
+            while not self._queue or self._alone_on == instance or self._holds_back():
                 if not self._queue and not self._accepting:
                     return None
                 self._cond.wait()
@@ -252,6 +254,18 @@ class Batcher:
             if batch:
                 self._running += 1
             return batch, self.solo_instance if alone and self.solo_instance is not None else instance
+
+    def _holds_back(self) -> bool:
+        """With lanes, a batch starts beside a running one only when it is full or no other request is on its way
+        (lock held). Under a steady trickle one lane then takes ever larger batches while the other cores read and
+        decode requests; a backlog of full batches, or a request nobody will join, opens the other lanes."""
+        return (
+            self.solo_instance is not None
+            and self._accepting
+            and self._running > 0
+            and self._expected > 0
+            and len(self._queue) < self.max_batch_size
+        )
 
     def _idle_but(self, announced: int) -> bool:
         """Nothing runs, nothing waits and no request is on its way but ``announced`` ones (lock held): a batch
@@ -278,6 +292,7 @@ class Batcher:
             logger.exception("inference failed for a batch of %d on model %r", len(batch), self.name)
         with self._cond:  # done before anyone sees its result: a caller holding one finds nothing running
             self._running -= 1
+            self._cond.notify_all()  # a worker held back beside this batch may start
         # Record the batch before anyone sees its result, so a caller holding a result also sees it counted.
         if self._observer is not None:
             try:

@@ -157,6 +157,62 @@ async def test_a_batch_alone_runs_on_the_solo_instance_and_others_side_by_side_o
     batcher.close()
 
 
+async def test_beside_a_running_batch_a_lane_takes_only_a_full_batch_or_one_nobody_will_join() -> None:
+    run = Recorder()
+    batcher = make(run, max_batch_size=3, max_queue_delay_s=0.0, instances=2, solo_instance=2)
+    run.gate.clear()
+    coming = batcher.expect()  # the running batch's company is still on its way
+    first = asyncio.ensure_future(batcher.submit(item(1), 5.0))
+    await until(lambda: run.calls == 1, "the first batch to start")
+    waiting = [asyncio.ensure_future(batcher.submit(item(v), 5.0)) for v in (2, 3)]
+    await asyncio.sleep(0.1)
+    assert run.calls == 1 and batcher.depth == 2  # two of three, more coming: held back for the running lane
+    third = asyncio.ensure_future(batcher.submit(item(4), 5.0, coming))
+    await until(lambda: run.calls == 2, "a full batch to start beside the running one")
+    run.gate.set()
+    await asyncio.gather(first, *waiting, third)
+    assert run.sizes == [1, 3] and run.ran_on[2] in (0, 1)
+
+    run.gate.clear()
+    coming = batcher.expect()
+    first = asyncio.ensure_future(batcher.submit(item(5), 5.0))
+    await until(lambda: run.calls == 3, "the next batch to start")
+    lone = asyncio.ensure_future(batcher.submit(item(6), 5.0))
+    await asyncio.sleep(0.1)
+    assert run.calls == 3  # held back while another request is on its way
+    batcher.withdraw(coming)  # it will not come: nobody will join the waiting one
+    await until(lambda: run.calls == 4, "the waiting batch to start beside the running one")
+    run.gate.set()
+    await asyncio.gather(first, lone)
+
+    run.gate.clear()
+    coming = batcher.expect()
+    first = asyncio.ensure_future(batcher.submit(item(7), 5.0))
+    await until(lambda: run.calls == 5, "the next batch to start")
+    later = asyncio.ensure_future(batcher.submit(item(8), 5.0))
+    await asyncio.sleep(0.1)
+    assert run.calls == 5
+    run.gate.set()  # the running batch ends: the held one starts after it
+    await asyncio.gather(first, later)
+    assert run.calls == 6
+    batcher.withdraw(coming)
+
+    plain = make(Recorder(), max_batch_size=3, instances=2)  # without lanes, instances take whatever waits
+    plain_run = plain._run
+    assert isinstance(plain_run, Recorder)
+    plain_run.gate.clear()
+    other = plain.expect()
+    first = asyncio.ensure_future(plain.submit(item(1), 5.0))
+    await until(lambda: plain_run.calls == 1, "the first batch to start")
+    second = asyncio.ensure_future(plain.submit(item(2), 5.0))
+    await until(lambda: plain_run.calls == 2, "the other instance to take the waiting item")
+    plain_run.gate.set()
+    await asyncio.gather(first, second)
+    plain.withdraw(other)
+    batcher.close()
+    plain.close()
+
+
 async def test_queue_limit_rejects_at_once_without_queueing() -> None:
     run = Recorder()
     run.gate.clear()  # the model is stuck: nothing leaves the queue
