@@ -49,7 +49,8 @@ class Settings(BaseSettings):
         "auto",
         description="CPU only: narrow sessions (the cores split among them) that run batches side by side while "
         "requests queue; a batch that runs alone still gets the full session. auto: one per core (at most 4), kept "
-        "unless measured at start-up more than 5% slower than the full session (off with --threads or --instances); 0: off",
+        "unless measured at start-up more than 5% slower than the full session (off with --threads or --instances); "
+        "0: off",
     )
     threads: int = Field(
         0,
