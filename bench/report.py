@@ -410,7 +410,8 @@ def threads_section(data: dict[str, Any] | None) -> list[str]:
         "",
         "Our server's `/v1` (JPEG files) under each split of the cores, side by side in rotating rounds like the "
         "serving comparison: `--lanes` (single-thread sessions that run side by side while requests queue; auto, "
-        "the default, keeps them when measured faster at start-up; off with `--threads` or `--instances`), "
+        "the default, keeps them unless measured more than 5% slower at start-up; off with `--threads` or "
+        "`--instances`), "
         "`--threads` (ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide), "
         "`--instances` (sessions per model, each with its own inference thread), `--decode-workers` (the decode "
         "pool; 0 is one per CPU). uvicorn runs one event loop thread in every variant. `CPU` is the server's CPU "
