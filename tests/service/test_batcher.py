@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from service.batcher import (
+    Announcement,
     Batcher,
     BatchFailedError,
     BatchStats,
@@ -157,6 +158,22 @@ async def test_a_batch_alone_runs_on_the_solo_instance_and_others_side_by_side_o
     batcher.close()
 
 
+async def one_held_beside_a_running_batch(
+    batcher: Batcher, run: Recorder, running: float, held: float
+) -> tuple[asyncio.Future[np.ndarray], asyncio.Future[np.ndarray], Announcement]:
+    """A batch of ``running`` held in its lane while another request is announced, and ``held`` queued beside it
+    and not started (lanes; max batch above 1): both callers' futures and the open announcement."""
+    run.gate.clear()
+    calls = run.calls
+    coming = batcher.expect()
+    first = asyncio.ensure_future(batcher.submit(item(running), 5.0))
+    await until(lambda: run.calls == calls + 1, "the next batch to start")
+    second = asyncio.ensure_future(batcher.submit(item(held), 5.0))
+    await asyncio.sleep(0.1)
+    assert run.calls == calls + 1  # held back while another request is on its way
+    return first, second, coming
+
+
 async def test_beside_a_running_batch_a_lane_takes_only_a_full_batch_or_one_nobody_will_join() -> None:
     run = Recorder()
     batcher = make(run, max_batch_size=3, max_queue_delay_s=0.0, instances=2, solo_instance=2)
@@ -173,25 +190,13 @@ async def test_beside_a_running_batch_a_lane_takes_only_a_full_batch_or_one_nobo
     await asyncio.gather(first, *waiting, third)
     assert run.sizes == [1, 3] and run.ran_on[2] in (0, 1)
 
-    run.gate.clear()
-    coming = batcher.expect()
-    first = asyncio.ensure_future(batcher.submit(item(5), 5.0))
-    await until(lambda: run.calls == 3, "the next batch to start")
-    lone = asyncio.ensure_future(batcher.submit(item(6), 5.0))
-    await asyncio.sleep(0.1)
-    assert run.calls == 3  # held back while another request is on its way
+    first, lone, coming = await one_held_beside_a_running_batch(batcher, run, 5, 6)
     batcher.withdraw(coming)  # it will not come: nobody will join the waiting one
     await until(lambda: run.calls == 4, "the waiting batch to start beside the running one")
     run.gate.set()
     await asyncio.gather(first, lone)
 
-    run.gate.clear()
-    coming = batcher.expect()
-    first = asyncio.ensure_future(batcher.submit(item(7), 5.0))
-    await until(lambda: run.calls == 5, "the next batch to start")
-    later = asyncio.ensure_future(batcher.submit(item(8), 5.0))
-    await asyncio.sleep(0.1)
-    assert run.calls == 5
+    first, later, coming = await one_held_beside_a_running_batch(batcher, run, 7, 8)
     run.gate.set()  # the running batch ends: the held one starts after it
     await asyncio.gather(first, later)
     assert run.calls == 6
