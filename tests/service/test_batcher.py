@@ -188,7 +188,7 @@ async def test_beside_a_running_batch_a_lane_takes_only_a_full_batch_or_one_nobo
     await until(lambda: run.calls == 2, "a full batch to start beside the running one")
     run.gate.set()
     await asyncio.gather(first, *waiting, third)
-    assert run.sizes == [1, 3] and run.ran_on[2] in (0, 1)
+    assert sorted(run.sizes) == [1, 3] and run.ran_on[2] in (0, 1)  # both passed the gate together: either order
 
     first, lone, coming = await one_held_beside_a_running_batch(batcher, run, 5, 6)
     batcher.withdraw(coming)  # it will not come: nobody will join the waiting one
