@@ -18,7 +18,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stageformer.core.preprocess import PreprocessConfig, preprocess, reduce_while_decoding
+from stageformer.core.preprocess import PreprocessConfig, preprocess, reduce_while_decoding, resized_size
 
 from .errors import Kind, ServiceError, bad_input, too_large
 
@@ -97,9 +97,8 @@ def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Ima
 
 def resized_pixels(width: int, height: int, config: PreprocessConfig) -> int:
     """Pixels of the image ``preprocess`` makes before its centre crop (short side -> ``resize_size``)."""
-    short = config.resize_size
-    scale = short / min(width, height)
-    return max(short, round(width * scale)) * max(short, round(height * scale))
+    resized_width, resized_height = resized_size(width, height, config)
+    return resized_width * resized_height
 
 
 def prepare(

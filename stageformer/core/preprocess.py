@@ -116,6 +116,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def resized_size(width: int, height: int, config: PreprocessConfig) -> tuple[int, int]:
+    """The size ``preprocess`` resizes a ``width`` x ``height`` image to before its centre crop: the short side
+    becomes ``resize_size``, the long one keeps the aspect ratio."""
+    short = config.resize_size
+    scale = short / min(width, height)
+    return max(short, round(width * scale)), max(short, round(height * scale))
+
+
 def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """A decoded image -> ``uint8 [image_size, image_size, 3]`` RGB, resized and centre-cropped. Only the pixels
     the crop keeps are resized (Pillow's ``box``) with the smooth filters: on a 4:3 photo at crop 0.9 that is 40%
@@ -124,17 +132,17 @@ def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     box's edges could move them by one pixel: those resize the whole image, then crop."""
     image = to_rgb(image)
     width, height = image.size
-    short, side = config.resize_size, config.image_size
-    scale = short / min(width, height)
-    new_w, new_h = max(short, round(width * scale)), max(short, round(height * scale))
+    side = config.image_size
+    new_w, new_h = resized_size(width, height, config)
     left, top = (new_w - side) // 2, (new_h - side) // 2
     resample = INTERPOLATIONS[config.interpolation]
-    if (new_w, new_h) != (width, height) and resample in SMOOTH:
+    resizes = (new_w, new_h) != (width, height)
+    if resizes and resample in SMOOTH:
         # resize only the part the centre crop keeps: the same filter at the same scale, on fewer pixels
         x_scale, y_scale = width / new_w, height / new_h
         box = (left * x_scale, top * y_scale, (left + side) * x_scale, (top + side) * y_scale)
         return np.asarray(image.resize((side, side), resample, box=box), dtype=np.uint8)
-    if (new_w, new_h) != (width, height):
+    if resizes:
         image = image.resize((new_w, new_h), resample)
     image = image.crop((left, top, left + side, top + side))
     return np.asarray(image, dtype=np.uint8)
